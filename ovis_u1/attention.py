@@ -1,0 +1,99 @@
+"""Scaled dot-product attention with one switch for the kernel behind it.
+
+Every attention in Ovis-U1 (AIMv2 encoder, token refiner, MMDiT) is unmasked softmax attention with scale
+1/sqrt(head_dim). The kernels:
+
+* ``sdpa``  — ``torch.nn.functional.scaled_dot_product_attention`` (default).
+* ``flash_attn`` — the flash-attn package, used only when it imports and the tensors live on CUDA in fp16/bf16.
+* ``math`` — explicit softmax(QK^T)V, the reference fallback.
+
+``auto`` picks flash_attn when usable, else sdpa. Windowed attention of the visual encoder is expressed as a list
+of segment lengths (``attention_segments``): equal-length segments run batched, flash-attn uses its varlen kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flash_attn", "math")
+_backend = "auto"
+_flash = None  # the flash_attn module once imported, False when unavailable
+
+
+def set_attention_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "flash_attn" and not flash_attn_available():
+        raise ValueError(
+            "attention 'flash_attn' was requested but the flash-attn package is not importable; "
+            "install it (pip install flash-attn) or choose 'auto' / 'sdpa'"
+        )
+    global _backend
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    return _backend
+
+
+def flash_attn_available() -> bool:
+    global _flash
+    if _flash is None:
+        try:
+            _flash = importlib.import_module("flash_attn")
+        except Exception:  # ImportError, or a broken CUDA build raising something else
+            _flash = False
+    return _flash is not False and torch.cuda.is_available()
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    if _backend not in ("auto", "flash_attn"):
+        return False
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    return scores.softmax(dim=-1) @ v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full bidirectional attention. q, k, v: [B, H, L, D] → [B, H, L, D]."""
+    if _use_flash(q):
+        out = _flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if _backend == "math":
+        return _math_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Block-diagonal attention: tokens attend only inside their own consecutive segment.
+
+    q, k, v: [L, H, D] with L = sum(lengths) → [L, H, D].
+    """
+    if len(lengths) == 1:
+        return attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])[0].transpose(0, 1)
+    if _use_flash(q):
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q.device)
+        cu[1:] = torch.tensor(lengths, device=q.device).cumsum(0)
+        longest = max(lengths)
+        return _flash.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest)
+    out = torch.empty_like(q)
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    # Windows of equal length (all interior windows) run as one batch.
+    by_length: dict[int, list[int]] = {}
+    for start, n in zip(starts, lengths):
+        by_length.setdefault(n, []).append(start)
+    for n, group in by_length.items():
+        index = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)[None]).reshape(-1)
+        qs, ks, vs = (t.index_select(0, index).reshape(len(group), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        o = attention(qs, ks, vs).transpose(1, 2).reshape(len(group) * n, *q.shape[1:])
+        out.index_copy_(0, index, o)
+    return out
