@@ -1,0 +1,350 @@
+"""SDXL-structured AutoencoderKL (``visual_generator.vae``), written without diffusers.
+
+Parameter names follow the current diffusers layout exactly, so the checkpoint's ``visual_generator.vae.*`` tensors
+load with strict key matching (legacy ``query/key/value/proj_attn`` attention names are accepted, SPEC §A.3).
+
+Structure (diffusers 0.31 ``AutoencoderKL`` with ``DownEncoderBlock2D`` / ``UpDecoderBlock2D``):
+
+* encoder: conv_in → down_blocks (``layers_per_block`` resnets each, stride-2 conv with (0,1,0,1) zero padding after
+  every block but the last) → mid block (resnet, single-head self-attention, resnet) → GroupNorm → SiLU → conv_out
+  (2·latent_channels: mean and log-variance);
+* quant_conv / post_quant_conv: 1×1 convs on the moments / the latent;
+* decoder: conv_in → mid block → up_blocks (``layers_per_block + 1`` resnets, nearest ×2 + conv after every block
+  but the last) → GroupNorm → SiLU → conv_out.
+
+All GroupNorms use eps 1e-6. In half precision GroupNorm and the attention run in fp32 and cast back, so a bf16 VAE
+gives sane output on any device; in fp32 the computation is operation-for-operation the one of diffusers.
+
+The scaling/shift factors are applied outside: :func:`vae_to_latent` / :func:`latent_to_vae` (SPEC §C.7, §C.9).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import VAEParams
+
+__all__ = [
+    "AutoencoderKL",
+    "rename_legacy_vae_keys",
+    "legacy_vae_key",
+    "latent_to_vae",
+    "vae_to_latent",
+    "to_uint8_image",
+]
+
+_EPS = 1e-6
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that normalises in fp32 when its input is fp16/bf16 and casts the result back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _LOW_PRECISION:
+            w = self.weight.float() if self.weight is not None else None
+            b = self.bias.float() if self.bias is not None else None
+            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ``ResnetBlock2D`` without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm32(groups, in_channels, eps=_EPS)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm32(groups, out_channels, eps=_EPS)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x.contiguous())
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all pixels with GroupNorm in front and a residual connection."""
+
+    _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm32(groups, channels, eps=_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # [B, C, HW]: the norm sees the channel-first view, the projections the token-first one.
+        tokens = self.group_norm(x.view(b, c, h * w)).transpose(1, 2)
+        q = self.to_q(tokens)[:, None]  # [B, 1, L, C] — one head of width C
+        k = self.to_k(tokens)[:, None]
+        v = self.to_v(tokens)[:, None]
+        if q.dtype in _LOW_PRECISION:
+            out = attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = attention(q, k, v)
+        out = self.to_out[0](out[:, 0])
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Accept checkpoints written by old diffusers versions (query/key/value/proj_attn, possibly 1×1 convs).
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            new = legacy_vae_key(key)
+            if new != key or state_dict[key].dim() == 4:
+                value = state_dict.pop(key)
+                state_dict[new] = _squeeze_conv1x1(new, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MidBlock(nn.Module):
+    """resnet → attention → resnet (``UNetMidBlock2D`` with one layer; attention optional)."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.attentions = nn.ModuleList([AttentionBlock(channels, groups)] if add_attention else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if len(self.attentions):
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by one pixel, then a 3×3 conv with stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3×3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= 64:
+            x = x.contiguous()
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        for down in self.downsamplers:
+            x = down(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        for up in self.upsamplers:
+            x = up(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, p: VAEParams):
+        super().__init__()
+        ch = p.block_out_channels
+        g = p.norm_num_groups
+        self.conv_in = nn.Conv2d(p.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            [
+                DownBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block, g, downsample=i < len(ch) - 1)
+                for i in range(len(ch))
+            ]
+        )
+        self.mid_block = MidBlock(ch[-1], g, p.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm32(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * p.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, p: VAEParams):
+        super().__init__()
+        ch = tuple(reversed(p.block_out_channels))
+        g = p.norm_num_groups
+        self.conv_in = nn.Conv2d(p.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g, p.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            [
+                UpBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block + 1, g, upsample=i < len(ch) - 1)
+                for i in range(len(ch))
+            ]
+        )
+        self.conv_norm_out = GroupNorm32(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], p.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """The Ovis-U1 VAE. ``encode`` → (mean, logvar); ``sample_latent``; ``decode`` (no scaling inside)."""
+
+    def __init__(self, params: VAEParams):
+        super().__init__()
+        self.params = params
+        self.encoder = Encoder(params)
+        self.decoder = Decoder(params)
+        self.quant_conv = nn.Conv2d(2 * params.latent_channels, 2 * params.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(params.latent_channels, params.latent_channels, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.quant_conv.weight.device
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, 3, H, W] in [-1, 1] → (mean, logvar), each [B, latent, H/8, W/8]; logvar clamped to [-30, 20]."""
+        moments = self.quant_conv(self.encoder(x.to(self.dtype)))
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return mean, torch.clamp(logvar, -30.0, 20.0)
+
+    @staticmethod
+    def sample_latent(
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        generator: torch.Generator | torch.Tensor | None = None,
+        *,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Posterior sample mean + exp(0.5·logvar)·ε.
+
+        ε is ``eps`` if given (also accepted as a tensor in place of ``generator``), otherwise
+        ``torch.randn(mean.shape, generator=generator, dtype=mean.dtype)`` drawn on the CPU and moved to mean's device
+        (generator None: the global CPU RNG, like diffusers' ``latent_dist.sample()`` on CPU).
+        """
+        if isinstance(generator, torch.Tensor):
+            if eps is not None:
+                raise ValueError("give ε either as `generator` tensor or as `eps`, not both")
+            eps, generator = generator, None
+        if eps is None:
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        std = torch.exp(0.5 * logvar)
+        return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, latent, h, w] (unscaled VAE space) → image [B, 3, 8h, 8w], not clamped."""
+        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z)
+
+
+# --- state-dict compatibility --------------------------------------------------------------------------------------
+
+_LEGACY_RE = re.compile(r"^(?P<pre>(?:.*\.)?mid_block\.attentions\.\d+\.)(?P<name>query|key|value|proj_attn)\.(?P<p>weight|bias)$")
+_ATTN_LINEAR_RE = re.compile(r"(?:^|\.)mid_block\.attentions\.\d+\.(?:to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def legacy_vae_key(key: str) -> str:
+    """The current diffusers name of a VAE key written by an old diffusers (query/key/value/proj_attn)."""
+    m = _LEGACY_RE.match(key)
+    if m is None:
+        return key
+    return f"{m['pre']}{AttentionBlock._LEGACY[m['name']]}.{m['p']}"
+
+
+def _squeeze_conv1x1(key: str, value: torch.Tensor) -> torch.Tensor:
+    if value.dim() == 4 and _ATTN_LINEAR_RE.search(key):
+        if tuple(value.shape[2:]) != (1, 1):
+            raise ValueError(f"{key}: expected a [C, C] or [C, C, 1, 1] weight, got {tuple(value.shape)}")
+        return value[:, :, 0, 0]
+    return value
+
+
+def rename_legacy_vae_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map old diffusers attention names (query/key/value/proj_attn) to to_q/to_k/to_v/to_out.0.
+
+    Works with or without a prefix (``visual_generator.vae.``); 1×1-conv shaped weights [C, C, 1, 1] are reshaped to
+    [C, C]. Other keys pass through unchanged. Returns a new dict (insertion order kept).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = legacy_vae_key(key)
+        if new in out:
+            raise ValueError(f"state dict holds both {new!r} and its legacy name")
+        out[new] = _squeeze_conv1x1(new, value)
+    return out
+
+
+# --- latent scaling and image conversion ---------------------------------------------------------------------------
+
+
+def _vae_params(params) -> VAEParams:
+    return params.vae if hasattr(params, "vae") else params
+
+
+def vae_to_latent(z: torch.Tensor, params) -> torch.Tensor:
+    """VAE space → diffusion latent: (z − shift) · scale (shift only when shift_factor is set)."""
+    p = _vae_params(params)
+    if p.shift_factor is not None:
+        z = z - p.shift_factor
+    return z * p.scaling_factor
+
+
+def latent_to_vae(latent: torch.Tensor, params) -> torch.Tensor:
+    """Diffusion latent → VAE space: latent / scale + shift."""
+    p = _vae_params(params)
+    z = latent / p.scaling_factor
+    if p.shift_factor is not None:
+        z = z + p.shift_factor
+    return z
+
+
+def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
+    """Decoded image [B, 3, H, W] → uint8 [B, H, W, 3]: clamp(−1, 1), 127.5·(x + 1), truncating cast (SPEC §C.9)."""
+    x = x.detach().float().clamp(-1.0, 1.0)
+    return (127.5 * (x + 1.0)).byte().permute(0, 2, 3, 1).contiguous()
