@@ -1,0 +1,213 @@
+"""Image preprocessing for the visual tokenizer and the generation path (SPEC §B.3, §C.1, §C.3, §C.8).
+
+Pure functions over PIL images and tensors; no model state. The numerics follow the official pipeline step by step:
+
+* the visual tokenizer input (§B.3) is what transformers' ``CLIPImageProcessor`` produces — PIL bicubic resize of the
+  uint8 image, ``float32(uint8 * (1/255 as float64))``, ``(x - mean) / std`` in float32 — patchified into 2×2 merge
+  groups;
+* the conditioning image of T2I / EDIT (§C.1) is first fitted to the target size (§C.8) and shrunk to at most
+  ``min_pixels`` by a second ``smart_resize``;
+* the VAE input (§C.8) is torchvision's ``to_tensor`` + ``normalize(0.5, 0.5)``, reproduced without torchvision.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import PreprocessParams
+
+BICUBIC = Image.Resampling.BICUBIC
+
+# §C.1: the conditioning image is shrunk with these bounds before §B.3 (max is the processor's min_pixels).
+CONDITION_FACTOR = 28
+CONDITION_MIN_PIXELS = 56 * 56
+# §C.3: EDIT output size — the Qwen2-VL smart_resize defaults with factor 32.
+EDIT_FACTOR = 32
+EDIT_MIN_PIXELS = 56 * 56
+EDIT_MAX_PIXELS = 14 * 14 * 4 * 1280
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Qwen2-VL ``smart_resize`` (SPEC §B.3 step 2): the (height, width) closest to the input, multiples of ``factor``,
+    with area in [min_pixels, max_pixels].
+
+    Python float (float64) arithmetic and Python's banker's ``round`` exactly as the official code, including its two
+    pre-adjustments: a side shorter than ``factor`` scales the short side up to ``factor`` (with a warning), and an
+    aspect ratio above 200 is clamped to 200.
+    """
+    if height < factor or width < factor:
+        warnings.warn(f"smart_resize: height {height} or width {width} is smaller than factor {factor}; "
+                      f"scaling the short side up to {factor}", stacklevel=2)
+        if height < width:
+            width = round(factor / height * width)
+            height = factor
+        else:
+            height = round(factor / width * height)
+            width = factor
+    elif max(height, width) / min(height, width) > 200:
+        warnings.warn(f"smart_resize: aspect ratio {max(height, width) / min(height, width)} is above 200; "
+                      "clamping it to 200", stacklevel=2)
+        if height > width:
+            height = 200 * width
+        else:
+            width = 200 * height
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(image_chw: np.ndarray | torch.Tensor, params: PreprocessParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a normalised (C, H, W) image into patches ordered by 2×2 merge groups (SPEC §B.3 step 4).
+
+    Returns ``pixel_values`` [gt·gh·gw, C·tp·ps·ps] float32 — merge groups in raster order, patches in raster order
+    inside a group, features ordered (C, tp, ph, pw) — and ``grid_thws`` [[gt, gh, gw]] int64. A single image is
+    repeated to fill a temporal patch (tp > 1), as the official code pads frames with the last one.
+    """
+    x = torch.as_tensor(np.asarray(image_chw) if not isinstance(image_chw, torch.Tensor) else image_chw)
+    x = x.to(torch.float32)
+    if x.ndim == 3:
+        x = x[None]  # (frames, C, H, W)
+    tp, ps, s = params.temporal_patch_size, params.patch_size, params.hidden_stride
+    if x.shape[0] % tp:
+        x = torch.cat([x, x[-1:].expand(tp - x.shape[0] % tp, *x.shape[1:])], dim=0)
+    frames, c, h, w = x.shape
+    if h % (ps * s) or w % (ps * s):
+        raise ValueError(f"image size {h}x{w} is not a multiple of patch_size*hidden_stride = {ps * s}")
+    gt, gh, gw = frames // tp, h // ps, w // ps
+    x = x.reshape(gt, tp, c, gh // s, s, ps, gw // s, s, ps)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/s, gw/s, s, s, C, tp, ps, ps)
+    pixel_values = x.reshape(gt * gh * gw, c * tp * ps * ps).contiguous()
+    return pixel_values, torch.tensor([[gt, gh, gw]], dtype=torch.int64)
+
+
+def normalize_clip(image: Image.Image, params: PreprocessParams) -> np.ndarray:
+    """CLIPImageProcessor rescale + normalize of an RGB uint8 image → (C, H, W) float32 (SPEC §B.3 step 3).
+
+    ``uint8 * rescale_factor`` is evaluated in float64 and cast to float32; mean/std are float32 arrays.
+    """
+    x = (np.asarray(image, dtype=np.uint8) * params.rescale_factor).astype(np.float32)
+    mean = np.asarray(params.image_mean, dtype=np.float32)
+    std = np.asarray(params.image_std, dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_image(img: Image.Image, params: PreprocessParams, min_pixels: int | None = None,
+                     max_pixels: int | None = None, num_images: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image → (pixel_values [N, C·tp·ps·ps] float32, grid_thws [[1, gh, gw]] int64) (SPEC §B.3 steps 1-4).
+
+    ``min_pixels``/``max_pixels`` default to the processor's (a falsy value also falls back, as in the official
+    ``min_pixels or processor.min_pixels``); ``max_pixels`` is divided by ``num_images`` and ``min_pixels`` is
+    capped at it.
+    """
+    min_pixels = min_pixels or params.min_pixels
+    max_pixels = max_pixels or params.max_pixels
+    max_pixels = max_pixels // num_images
+    min_pixels = min(max_pixels, min_pixels)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = img.size
+    new_h, new_w = smart_resize(height, width, factor=params.patch_size * params.hidden_stride,
+                                min_pixels=min_pixels, max_pixels=max_pixels)
+    resized = img.resize((new_w, new_h), resample=BICUBIC, reducing_gap=None)
+    return patchify(normalize_clip(resized, params), params)
+
+
+def _center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision ``center_crop`` on a PIL image: zero-pad a too-small image symmetrically (the extra pixel on the
+    right/bottom), then crop at ``int(round((size - crop) / 2))`` (banker's rounding)."""
+    img_w, img_h = img.size
+    if width > img_w or height > img_h:
+        left = (width - img_w) // 2 if width > img_w else 0
+        top = (height - img_h) // 2 if height > img_h else 0
+        right = (width - img_w + 1) // 2 if width > img_w else 0
+        bottom = (height - img_h + 1) // 2 if height > img_h else 0
+        padded = Image.new(img.mode, (img_w + left + right, img_h + top + bottom), 0)
+        padded.paste(img, (left, top))
+        img = padded
+        img_w, img_h = img.size
+        if (img_w, img_h) == (width, height):
+            return img
+    top = int(round((img_h - height) / 2.0))
+    left = int(round((img_w - width) / 2.0))
+    return img.crop((left, top, left + width, top + height))
+
+
+def process_image_aspectratio(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Cover-resize to the target and centre-crop to exactly ``width``×``height`` (SPEC §C.8).
+
+    r = max(W/w, H/h); resize (bicubic) to (int(r·h), int(r·w)) — truncation, so float error can leave the image one
+    pixel short, which the crop then pads with zeros.
+    """
+    w, h = img.size
+    r = max(float(width) / w, float(height) / h)
+    new_h, new_w = int(r * h), int(r * w)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=BICUBIC)
+    return _center_crop(img, height, width)
+
+
+def condition_image(img: Image.Image, width: int, height: int, params: PreprocessParams | None = None) -> Image.Image:
+    """The image handed to the visual tokenizer in a T2I/EDIT conditioning branch, before §B.3 (SPEC §C.1):
+    fit to width×height (§C.8), then bicubic-resize to smart_resize(H, W, 28, 3136, max=processor.min_pixels).
+
+    ``params`` should be the checkpoint's preprocessor settings; without it the default ``min_pixels`` (448²) is used.
+    """
+    params = params or PreprocessParams()
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img = process_image_aspectratio(img, width, height)
+    new_h, new_w = smart_resize(height, width, factor=CONDITION_FACTOR, min_pixels=CONDITION_MIN_PIXELS,
+                                max_pixels=params.min_pixels)
+    return img.resize((new_w, new_h), resample=BICUBIC)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """torchvision ``to_tensor``: uint8 HWC → float32 CHW in [0, 1] (division by 255 in float32)."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    if x.ndim == 2:
+        x = x[:, :, None]
+    return x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
+
+def vae_pixel_values(img: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The VAE input of a generation request: §C.8 fit to width×height → to_tensor → normalize(0.5, 0.5)
+    → [1, 3, H, W] float32 in [-1, 1]."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    x = to_tensor(process_image_aspectratio(img, width, height))
+    return x.sub(0.5).div(0.5)[None]
+
+
+def white_canvas(width: int, height: int) -> Image.Image:
+    """The RGB(255, 255, 255) image used as the T2I input and the EDIT ``no_both`` input (SPEC §C.1)."""
+    return Image.new("RGB", (width, height), (255, 255, 255))
+
+
+def edit_target_size(width: int, height: int) -> tuple[int, int]:
+    """EDIT output size (W, H) for an input of width×height (SPEC §C.3): smart_resize with factor 32 and the default
+    bounds, then both sides floored to multiples of 16 (as generate_image does)."""
+    h, w = smart_resize(height, width, factor=EDIT_FACTOR, min_pixels=EDIT_MIN_PIXELS, max_pixels=EDIT_MAX_PIXELS)
+    return 16 * (w // 16), 16 * (h // 16)
+
+
+def resize_for_edit(img: Image.Image) -> Image.Image:
+    """The EDIT input image at the output size: RGB, bicubic-resized to ``edit_target_size`` (SPEC §C.3)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = edit_target_size(*img.size)
+    return img.resize((w, h), resample=BICUBIC)
