@@ -1,0 +1,143 @@
+"""Rectified-flow sampling for the MMDiT (SPEC §C.3, §C.6, §C.7 packing, §C.9 unpacking).
+
+Latents are 4-channel VAE latents at 1/8 resolution, packed into 2×2 patches: a [B, 4, 2h, 2w] latent becomes
+[B, h·w, 16] tokens (token = row·w + col, feature = c·4 + py·2 + px). Time runs from 1 (noise) to 0 (data) and the
+model predicts the velocity; one Euler step is x ← x + (t_prev − t_curr)·v.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .math import grid_ids
+from .mmdit import MMDiT, Prepared
+
+# ---- schedule and noise -------------------------------------------------------------------------------------
+
+
+def flow_schedule(
+    steps: int, num_tokens: int, shift: bool, base_shift: float = 0.5, max_shift: float = 1.15
+) -> list[float]:
+    """steps+1 times from 1 to 0 (float32 linspace, returned as Python floats).
+
+    With ``shift`` the times are bent towards 1 by mu, a linear function of the token count through
+    (256, base_shift) and (4096, max_shift): t ← e^mu / (e^mu + 1/t − 1).
+    """
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float32)
+    if shift:
+        slope = (max_shift - base_shift) / (4096 - 256)
+        mu = slope * num_tokens + (base_shift - slope * 256)
+        t = math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+    return t.tolist()
+
+
+def initial_noise(seed: int, height: int, width: int, channels: int = 4) -> Tensor:
+    """The official starting noise: bf16 [1, channels, 2·⌈H/16⌉, 2·⌈W/16⌉] from a seeded CPU generator.
+
+    height/width are the output size in pixels, already floored to multiples of 16 by the caller (SPEC §C.3).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (1, channels, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
+    return torch.randn(*shape, dtype=torch.bfloat16, generator=generator)
+
+
+# ---- packing ------------------------------------------------------------------------------------------------
+
+
+def pack_latents(z: Tensor) -> Tensor:
+    """[B, C, 2h, 2w] → [B, h·w, C·4] with feature index c·4 + py·2 + px."""
+    b, c, hh, ww = z.shape
+    h, w = hh // 2, ww // 2
+    return z.reshape(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * 4)
+
+
+def unpack_latents(tokens: Tensor, height: int, width: int, channels: int = 4) -> Tensor:
+    """[B, ⌈H/16⌉·⌈W/16⌉, channels·4] → [B, channels, 2⌈H/16⌉, 2⌈W/16⌉] (inverse of ``pack_latents``)."""
+    h, w = math.ceil(height / 16), math.ceil(width / 16)
+    b = tokens.shape[0]
+    if tokens.shape[1:] != (h * w, channels * 4):
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not fit a {height}x{width} image of {channels} channels")
+    return tokens.reshape(b, h, w, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, 2 * h, 2 * w)
+
+
+def latent_ids(height: int, width: int, axis0: float = 0.0) -> Tensor:
+    """RoPE position ids [1, N, 3] (fp32) of the packed tokens: [axis0, row, col]; axis0 = 0 noise, 1 context."""
+    return grid_ids(math.ceil(height / 16), math.ceil(width / 16), axis0)
+
+
+def context_tokens(mean: Tensor, std: Tensor, eps: Tensor, scaling_factor: float) -> Tensor:
+    """Packed context latent of an EDIT input: the VAE posterior sample mean + std·ε, scaled (no shift)."""
+    return pack_latents((mean + std * eps) * scaling_factor)
+
+
+# ---- classifier-free guidance -------------------------------------------------------------------------------
+
+
+def guide_t2i(cond: Tensor, uncond: Tensor, txt_cfg: float) -> Tensor:
+    return uncond + txt_cfg * (cond - uncond)
+
+
+def guide_edit(cond: Tensor, no_txt: Tensor, no_both: Tensor, img_cfg: float, txt_cfg: float) -> Tensor:
+    return no_both + img_cfg * (no_txt - no_both) + txt_cfg * (cond - no_txt)
+
+
+# ---- the Euler loop -----------------------------------------------------------------------------------------
+
+
+def group_branches(branches: Sequence[Prepared], batch: bool = True) -> list[tuple[list[int], Prepared]]:
+    """Group CFG branches that can share one forward (same text length and context layout), in first-seen order."""
+    if not batch:
+        return [([i], p) for i, p in enumerate(branches)]
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(branches):
+        groups.setdefault(p.batch_key(), []).append(i)
+    return [(idx, Prepared.cat([branches[i] for i in idx])) for idx in groups.values()]
+
+
+def predict(model: MMDiT, x: Tensor, t_vec: Tensor, groups: list[tuple[list[int], Prepared]]) -> list[Tensor]:
+    """Velocity of every branch for latent x [B, N, C] at times t_vec [B], one forward per group."""
+    preds: list[Tensor | None] = [None] * sum(len(idx) for idx, _ in groups)
+    for idx, prepared in groups:
+        n = len(idx)
+        out = model(x.repeat(n, 1, 1) if n > 1 else x, t_vec.repeat(n) if n > 1 else t_vec, prepared)
+        for i, chunk in zip(idx, out.split(x.shape[0])):
+            preds[i] = chunk
+    return preds  # type: ignore[return-value]
+
+
+def denoise(
+    model: MMDiT,
+    x: Tensor,
+    timesteps: Sequence[float],
+    branches: Sequence[Prepared],
+    guide: Callable[[list[Tensor]], Tensor] | None = None,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+    trace: list[dict] | None = None,
+    batch: bool = True,
+) -> Tensor:
+    """Integrate x [B, N, C] from timesteps[0] to timesteps[-1].
+
+    Every step evaluates each branch (batching compatible ones) and combines their velocities with ``guide(preds)``
+    (a list in branch order; None: the single branch's prediction). ``callback(step, total, x)`` runs after each
+    step (raise in it to interrupt). ``trace``, if given, receives one dict per step with t_curr, t_prev,
+    t_vec, latent_in, preds (list, branch order), pred (guided) and latent_out.
+    """
+    groups = group_branches(branches, batch)
+    total = len(timesteps) - 1
+    for step, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        t_vec = torch.full((x.shape[0],), t_curr, dtype=x.dtype, device=x.device)
+        preds = predict(model, x, t_vec, groups)
+        pred = guide(preds) if guide is not None else preds[0]
+        x_next = x + (t_prev - t_curr) * pred
+        if trace is not None:
+            trace.append(
+                dict(t_curr=t_curr, t_prev=t_prev, t_vec=t_vec, latent_in=x, preds=preds, pred=pred, latent_out=x_next)
+            )
+        x = x_next
+        if callback is not None:
+            callback(step, total, x)
+    return x
