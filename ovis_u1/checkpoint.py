@@ -1,0 +1,192 @@
+"""Reading an Ovis-U1 checkpoint directory (Hugging Face layout) into modules built on the meta device.
+
+Every key is checked against the module before any weight is read: a missing, unexpected or mis-shaped key is an
+error that names it. Weights are read tensor by tensor from the memory-mapped safetensors files and converted
+straight to the target dtype and device, so the whole model never exists twice in full precision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TIED_KEYS = ("llm.lm_head.weight",)  # tied to llm.model.embed_tokens.weight, never stored
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory cannot be used as it is; the message says what to change."""
+
+
+def is_ovis_u1_dir(directory: str | Path) -> bool:
+    config = Path(directory) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") == "ovis_u1"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_directory(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model folder {str(directory)!r} does not exist")
+    config = directory / "config.json"
+    if not config.is_file():
+        raise CheckpointError(
+            f"model folder {str(directory)!r} has no config.json; put the complete AIDC-AI/Ovis-U1-3B download there"
+        )
+    if not is_ovis_u1_dir(directory):
+        raise CheckpointError(
+            f"{config} is not an Ovis-U1 config (model_type must be 'ovis_u1'); choose an Ovis-U1 checkpoint folder"
+        )
+    return directory
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); download it again") from e
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+    elif (directory / SINGLE_FILE).is_file():
+        files = [directory / SINGLE_FILE]
+    else:
+        raise CheckpointError(
+            f"no weights in {str(directory)!r}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards"
+        )
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"weight shard {f.name} named by {INDEX_FILE} is missing from {str(directory)!r}")
+    return files
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise CheckpointError(
+            f"cannot read {path} ({e}); the file is truncated or corrupt — download it again"
+        ) from e
+
+
+def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """key → (shape, file), from the safetensors headers only (no tensor data is read)."""
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for path in files:
+        size = path.stat().st_size
+        with _open(path) as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shapes[key] = (tuple(sl.get_shape()), path)
+        _check_not_truncated(path, size)
+    return shapes
+
+
+def _check_not_truncated(path: Path, size: int) -> None:
+    """safetensors opens a file whose data section is cut short; detect that from the header's offsets."""
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        try:
+            header = json.loads(fh.read(header_len))
+        except ValueError as e:
+            raise CheckpointError(f"{path} has a corrupt header ({e}); download it again") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + header_len + end:
+        raise CheckpointError(
+            f"{path} is truncated: {size} bytes on disk, {8 + header_len + end} expected; download it again"
+        )
+
+
+def validate_keys(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], Path]]) -> None:
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if tuple(expected[k]) != stored[k][0])
+    problems = []
+    if missing:
+        problems.append(f"missing key(s): {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key(s): {_names(unexpected)}")
+    if wrong:
+        problems.append(
+            "wrong shape: "
+            + _names([f"{k} (checkpoint {list(stored[k][0])}, model {list(expected[k])})" for k in wrong])
+        )
+    if problems:
+        raise CheckpointError(
+            "the checkpoint does not match the Ovis-U1 architecture described by its config.json — "
+            + "; ".join(problems)
+            + ". Use an unmodified AIDC-AI/Ovis-U1-3B download."
+        )
+
+
+def _names(items: list[str], most: int = 8) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def load_weights(
+    module: torch.nn.Module,
+    directory: str | Path,
+    device: torch.device,
+    dtype_for: Callable[[str, torch.dtype], torch.dtype],
+    rename: Callable[[str], str] = lambda k: k,
+) -> None:
+    """Validate the stored keys against ``module`` (built on meta) and assign the weights.
+
+    ``dtype_for(key, stored_dtype)`` picks each floating tensor's dtype; ``rename`` maps stored names
+    (e.g. legacy VAE attention names) to the module's.
+    """
+    files = weight_files(directory)
+    stored = {rename(k): v for k, v in stored_shapes(files).items()}
+    expected = {k: tuple(t.shape) for k, t in module.state_dict(keep_vars=True).items() if k not in TIED_KEYS}
+    # Legacy VAE attention weights may be stored as 1×1 convolutions; compare them as matrices.
+    for k, (shape, path) in list(stored.items()):
+        if k in expected and len(shape) == 4 and shape[2:] == (1, 1) and len(expected[k]) == 2:
+            stored[k] = (shape[:2], path)
+    validate_keys(expected, stored)
+
+    by_file: dict[Path, list[str]] = {}
+    original = {rename(k): k for k in stored_shapes(files)}
+    for key, (_, path) in stored.items():
+        by_file.setdefault(path, []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        with _open(path) as f:
+            for key in keys:
+                try:
+                    t = f.get_tensor(original[key])
+                except Exception as e:
+                    raise CheckpointError(f"cannot read {original[key]!r} from {path} ({e}); download it again") from e
+                if t.is_floating_point():
+                    t = t.to(device=device, dtype=dtype_for(key, t.dtype))
+                else:
+                    t = t.to(device=device)
+                state[key] = t.reshape(expected[key])
+    result = module.load_state_dict(state, strict=False, assign=True)
+    leftover = [k for k in result.missing_keys if k not in TIED_KEYS]
+    if leftover or result.unexpected_keys:  # validate_keys makes this unreachable; keep the promise explicit
+        raise CheckpointError(f"weights not assigned: {_names(leftover + list(result.unexpected_keys))}")
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def find_model_dirs(roots: list[str | Path]) -> list[Path]:
+    """Ovis-U1 checkpoint folders directly under each root (a folder counts when its config.json says
+    model_type ovis_u1), in root order then name order; a root that is itself a checkpoint counts too."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if is_ovis_u1_dir(root):
+            found.append(root)
+        elif root.is_dir():
+            found.extend(sorted(d for d in root.iterdir() if d.is_dir() and is_ovis_u1_dir(d)))
+    return list(dict.fromkeys(found))

@@ -1,0 +1,409 @@
+"""Ovis-U1: the composed model and its public API.
+
+The building blocks (each usable alone, and what the ComfyUI nodes call):
+``encode_condition`` (prompt + image → LLM hidden states of every CFG branch), ``refine`` (token refiner, once per
+prompt), ``encode_context`` (edit source → VAE latent tokens), ``sample`` (flow-matching Euler with CFG → VAE
+latent), ``vae_decode`` / ``vae_encode``. ``text_to_image`` and ``edit`` are only these composed; ``understand``
+answers questions about images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from . import prompts
+from .attention import set_attention_backend
+from .checkpoint import check_directory, load_weights
+from .config import OvisU1Params, load_params
+from .llm import build_llm, condition_states, finish_llm, generate, qwen3_config, set_attention
+from .mmdit import MMDiT
+from .preprocess import (
+    condition_image,
+    edit_target_size,
+    preprocess_image,
+    resize_for_edit,
+    vae_pixel_values,
+    white_canvas,
+)
+from .sampling import denoise, flow_schedule, guide_edit, guide_t2i, initial_noise, pack_latents, unpack_latents
+from .vae import AutoencoderKL, latent_to_vae, legacy_vae_key, to_uint8_image, vae_to_latent
+from .vision import VisualTokenizer, visual_embeddings
+
+MODES = ("t2i", "edit")
+MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 4096, 16
+MAX_CFG = 100.0
+
+
+class OvisU1InputError(ValueError):
+    """A request the model cannot serve; the message names the input and the fix."""
+
+
+@dataclass
+class Understanding:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Condition:
+    """LLM hidden states [1, L, 2·hidden] of every CFG branch a mode needs (SPEC §C.1–C.2)."""
+
+    mode: str
+    width: int
+    height: int
+    branches: dict[str, torch.Tensor]
+
+
+@dataclass
+class Refined:
+    """Refined text tokens [1, L, H] and pooled vector [1, H] per branch — time-independent (SPEC §C.4)."""
+
+    mode: str
+    width: int
+    height: int
+    branches: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EditContext:
+    """The edit source as packed VAE latent tokens [1, N, 16] at the edit size, and that resized image."""
+
+    tokens: torch.Tensor
+    width: int
+    height: int
+    image: Image.Image = field(repr=False)
+
+
+def check_size(width: int, height: int, what: str = "width/height") -> None:
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v % SIZE_MULTIPLE or not MIN_SIZE <= v <= MAX_SIZE:
+            raise OvisU1InputError(
+                f"{name} {v!r} is not usable: {what} must be a multiple of {SIZE_MULTIPLE} between "
+                f"{MIN_SIZE} and {MAX_SIZE}; pick e.g. {max(MIN_SIZE, min(MAX_SIZE, int(v) // 16 * 16 or 16))}"
+            )
+
+
+def check_cfg(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= MAX_CFG) or value != value:
+        raise OvisU1InputError(f"{name} {value!r} is out of range: use a value between 0 and {MAX_CFG:g} (official default: "
+                               f"{'txt_cfg 5 for text-to-image, 6 for edit' if name == 'txt_cfg' else 'img_cfg 1.5'})")
+
+
+def check_prompt(prompt: str, name: str = "prompt") -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise OvisU1InputError(f"{name} is empty: write what the image should show (or how to change it)")
+    return prompt
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class VisualGenerator(nn.Module):
+    def __init__(self, params: OvisU1Params):
+        super().__init__()
+        self.backbone = MMDiT(params.mmdit)
+        self.vae = AutoencoderKL(params.vae)
+
+
+class OvisU1(nn.Module):
+    def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto"):
+        super().__init__()
+        self.params = params
+        self.tokenizer = tokenizer
+        self.llm = build_llm(qwen3_config(params.llm_config, attention))
+        self.visual_tokenizer = VisualTokenizer(params.vision)
+        self.vte = nn.Embedding(params.vision.vocab_size, params.hidden_size)
+        self.visual_generator = VisualGenerator(params)
+
+    # ----------------------------------------------------------------------------------------------- parts
+    @property
+    def mmdit(self) -> MMDiT:
+        return self.visual_generator.backbone
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.visual_generator.vae
+
+    def set_attention(self, attention: str) -> None:
+        set_attention_backend(attention)
+        set_attention(self.llm, attention)
+
+    # ------------------------------------------------------------------------------------ multimodal input
+    def _visual_embeds(self, images: list[Image.Image], num_images: int = 1) -> list[torch.Tensor]:
+        """Visual embeddings [n_i, hidden] for each image, all images in one encoder pass (SPEC §B.3–B.5)."""
+        device, dtype = _device_of(self.visual_tokenizer), _dtype_of(self.visual_tokenizer)
+        pixels, grids = [], []
+        for img in images:
+            pv, grid = preprocess_image(img, self.params.preprocess, num_images=num_images)
+            pixels.append(torch.as_tensor(pv))
+            grids.append(torch.as_tensor(grid).reshape(-1, 3))
+        pixel_values = torch.cat(pixels).to(device=device, dtype=dtype)
+        grid_thws = torch.cat(grids).to(device)
+        probs = self.visual_tokenizer(pixel_values, grid_thws)
+        embeds = visual_embeddings(probs, self.vte.weight)
+        counts = [int(g.prod()) // self.params.vision.hidden_stride**2 for g in grids]
+        return list(embeds.split(counts))
+
+    def _merge(self, ids: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
+        """Input embeddings [L, hidden] with the placeholders filled (SPEC §B.6), truncated to the last
+        ``multimodal_max_length`` positions."""
+        embed_tokens = self.llm.get_input_embeddings()
+        device = embed_tokens.weight.device
+        ids_t = torch.tensor(ids, device=device)
+        text = embed_tokens(ids_t.clamp(min=0))
+        vocab = self.params.vision.vocab_size
+        pieces, start, image_index = [], 0, 0
+        for pos, tid in enumerate(ids):
+            if tid >= 0:
+                continue
+            pieces.append(text[start:pos])
+            if tid == prompts.IMAGE_ATOM_ID:
+                pieces.append(visual[image_index].to(device=device, dtype=text.dtype))
+                image_index += 1
+            else:
+                row = vocab - 5 + prompts.IMAGE_INDICATOR_IDS.index(tid)
+                pieces.append(self.vte.weight[row : row + 1].to(device=device, dtype=text.dtype))
+            start = pos + 1
+        pieces.append(text[start:])
+        merged = torch.cat(pieces)
+        return merged[-self.params.multimodal_max_length :]
+
+    # ------------------------------------------------------------------------------------- understanding
+    @torch.inference_mode()
+    def understand(
+        self,
+        images: list[Image.Image] | None,
+        question: str,
+        max_new_tokens: int = 1024,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        on_token: Callable[[int, int], None] | None = None,
+        scores: list[torch.Tensor] | None = None,
+    ) -> Understanding:
+        check_prompt(question, "question")
+        if max_new_tokens < 1:
+            raise OvisU1InputError(f"max_new_tokens {max_new_tokens} must be at least 1")
+        images = list(images or [])
+        ids = prompts.understanding_ids(self.tokenizer, question, len(images))
+        visual = self._visual_embeds(images) if images else []
+        embeds = self._merge(ids, visual)
+        token_ids = generate(
+            self.llm, embeds, self.tokenizer.eos_token_id, max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, scores=scores,
+        )
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Understanding(text=text, token_ids=token_ids)
+
+    # -------------------------------------------------------------------------------------- generation
+    def edit_size(self, image: Image.Image) -> tuple[int, int]:
+        """(width, height) of an edit of ``image`` (SPEC §C.3)."""
+        return edit_target_size(*image.size)
+
+    @torch.inference_mode()
+    def encode_condition(
+        self,
+        prompt: str,
+        mode: str = "t2i",
+        image: Image.Image | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> Condition:
+        """Every CFG branch of ``mode`` in one visual-encoder pass and one LLM pass (SPEC §C.1–C.2).
+
+        t2i: ``width``/``height`` are the canvas. edit: ``image`` is the source; it is resized to the edit size.
+        """
+        if mode not in MODES:
+            raise OvisU1InputError(f"mode {mode!r} is unknown: use one of {', '.join(MODES)}")
+        check_prompt(prompt)
+        if mode == "t2i":
+            if width is None or height is None:
+                raise OvisU1InputError("text-to-image needs width and height")
+            check_size(width, height)
+            sources = {"canvas": white_canvas(width, height)}
+        else:
+            if image is None:
+                raise OvisU1InputError("edit mode needs an image: connect the image to edit")
+            source = resize_for_edit(image)
+            width, height = source.size
+            sources = {"source": source, "canvas": white_canvas(width, height)}
+        names = list(sources)
+        visual = self._visual_embeds([condition_image(sources[n], width, height, self.params.preprocess) for n in names])
+        visual_by_source = dict(zip(names, visual))
+        embeds = []
+        branch_names = list(prompts.BRANCHES[mode])
+        for branch in branch_names:
+            ids = prompts.condition_ids(self.tokenizer, mode, branch, prompt)
+            embeds.append(self._merge(ids, [visual_by_source[prompts.BRANCHES[mode][branch][1]]]))
+        states = condition_states(self.llm, embeds)
+        return Condition(mode, width, height, {b: s[None] for b, s in zip(branch_names, states)})
+
+    @torch.inference_mode()
+    def refine(self, condition: Condition) -> Refined:
+        """Token refiner for every branch; branches of equal length run as one batch."""
+        device, dtype = _device_of(self.mmdit), _dtype_of(self.mmdit)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        by_length: dict[int, list[str]] = {}
+        for name, txt in condition.branches.items():
+            by_length.setdefault(txt.shape[1], []).append(name)
+        for names in by_length.values():
+            txt = torch.cat([condition.branches[n] for n in names]).to(device=device, dtype=dtype)
+            tokens, pooled = self.mmdit.refine(txt)
+            for i, n in enumerate(names):
+                out[n] = (tokens[i : i + 1], pooled[i : i + 1])
+        return Refined(condition.mode, condition.width, condition.height, out)
+
+    @torch.inference_mode()
+    def encode_context(self, image: Image.Image, seed: int = 42) -> EditContext:
+        """Edit source → VAE posterior sample (CPU generator seeded with ``seed``) → scaled, packed tokens."""
+        source = resize_for_edit(image)
+        width, height = source.size
+        check_size(width, height, "the edit size derived from the image")
+        z = self.vae_encode(vae_pixel_values(source, width, height), seed=seed)
+        tokens = pack_latents(vae_to_latent(z, self.params.vae))
+        return EditContext(tokens=tokens, width=width, height=height, image=source)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        refined: Refined,
+        width: int | None = None,
+        height: int | None = None,
+        context: EditContext | None = None,
+        steps: int = 50,
+        txt_cfg: float = 5.0,
+        img_cfg: float = 1.5,
+        seed: int = 42,
+        timestep_shift: bool | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Flow-matching Euler sampling with CFG → VAE latent [1, 4, H/8, W/8] (unscaled, fp32; SPEC §C.3–C.6)."""
+        if refined.mode == "edit":
+            if context is None:
+                raise OvisU1InputError(
+                    "an edit condition needs the edit context: connect 'Ovis-U1 Edit Context Encoder' to context"
+                )
+            if (context.width, context.height) != (refined.width, refined.height):
+                raise OvisU1InputError(
+                    f"the context is {context.width}×{context.height} but the condition was encoded for "
+                    f"{refined.width}×{refined.height}: encode both from the same image"
+                )
+            width, height = context.width, context.height
+        elif context is not None:
+            raise OvisU1InputError("a text-to-image condition takes no context: disconnect it or encode in edit mode")
+        width = refined.width if width is None else width
+        height = refined.height if height is None else height
+        check_size(width, height)
+        check_cfg("txt_cfg", txt_cfg)
+        if refined.mode == "edit":
+            check_cfg("img_cfg", img_cfg)
+        if not isinstance(steps, int) or steps < 1:
+            raise OvisU1InputError(f"steps {steps!r} must be a whole number of at least 1")
+        height, width = height // 16 * 16, width // 16 * 16  # SPEC §C.3
+
+        mmdit = self.mmdit
+        device, dtype = _device_of(mmdit), _dtype_of(mmdit)
+        x = pack_latents(initial_noise(seed, height, width).to(device=device, dtype=dtype))
+        p = self.params.mmdit
+        shift = p.timestep_shift if timestep_shift is None else timestep_shift
+        timesteps = flow_schedule(steps, x.shape[1], shift, p.base_shift, p.max_shift)
+
+        def prepared(branch: str, with_context: bool):
+            tokens, pooled = refined.branches[branch]
+            ctx = context.tokens.to(device=device, dtype=dtype) if with_context else None
+            return mmdit.prepare(tokens.to(device, dtype), pooled.to(device, dtype), height, width, context=ctx)
+
+        if refined.mode == "t2i":
+            branches = [prepared("cond", False), prepared("no_both", False)]
+
+            def guide(preds):
+                return guide_t2i(preds[0], preds[1], txt_cfg)
+        else:
+            branches = [prepared("cond", True), prepared("no_txt", True), prepared("no_both", False)]
+
+            def guide(preds):
+                return guide_edit(preds[0], preds[1], preds[2], img_cfg, txt_cfg)
+
+        x = denoise(mmdit, x, timesteps, branches, guide, callback=callback)
+        return latent_to_vae(unpack_latents(x.float(), height, width), self.params.vae)
+
+    # --------------------------------------------------------------------------------------------- VAE
+    @torch.inference_mode()
+    def vae_encode(self, pixels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] → VAE latent (posterior sample with a seeded CPU generator, or its mean)."""
+        vae = self.vae
+        mean, logvar = vae.encode(pixels.to(device=_device_of(vae), dtype=_dtype_of(vae)))
+        if seed is None:
+            return mean.float()
+        return vae.sample_latent(mean, logvar, generator=torch.Generator().manual_seed(seed)).float()
+
+    @torch.inference_mode()
+    def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """VAE latent [B, 4, h, w] → images [B, 3, 8h, 8w] in [-1, 1] (clamped)."""
+        vae = self.vae
+        x = vae.decode(latent.to(device=_device_of(vae), dtype=_dtype_of(vae)))
+        return x.float().clamp(-1, 1)
+
+    def decode_to_pil(self, latent: torch.Tensor) -> list[Image.Image]:
+        images = to_uint8_image(self.vae_decode(latent)).cpu().numpy()
+        return [Image.fromarray(a) for a in images]
+
+    # ------------------------------------------------------------------------------------------ tasks
+    def text_to_image(self, prompt: str, width: int = 1024, height: int = 1024, steps: int = 50,
+                      txt_cfg: float = 5.0, seed: int = 42, callback=None) -> Image.Image:
+        condition = self.encode_condition(prompt, "t2i", width=width, height=height)
+        latent = self.sample(self.refine(condition), width, height, steps=steps, txt_cfg=txt_cfg, seed=seed,
+                             callback=callback)
+        return self.decode_to_pil(latent)[0]
+
+    def edit(self, image: Image.Image, instruction: str, steps: int = 50, img_cfg: float = 1.5,
+             txt_cfg: float = 6.0, seed: int = 42, context_seed: int | None = None, callback=None) -> Image.Image:
+        condition = self.encode_condition(instruction, "edit", image=image)
+        context = self.encode_context(image, seed=seed if context_seed is None else context_seed)
+        latent = self.sample(self.refine(condition), context=context, steps=steps, txt_cfg=txt_cfg,
+                             img_cfg=img_cfg, seed=seed, callback=callback)
+        return self.decode_to_pil(latent)[0]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None, attention: str = "auto") -> OvisU1:
+    """Load an Ovis-U1 checkpoint folder (Hugging Face layout). The VAE is kept in fp32 (the official decode runs
+    in fp32 on CUDA); everything else in ``dtype`` (default bf16 where supported, else fp32)."""
+    directory = check_directory(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    params = load_params(directory)
+    tokenizer = prompts.load_tokenizer(directory)
+    set_attention_backend(attention)
+    with torch.device("meta"):
+        model = OvisU1(params, tokenizer=tokenizer, attention=attention)
+
+    def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
+        return torch.float32 if key.startswith("visual_generator.vae.") else dtype
+
+    load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
+    finish_llm(model.llm, device)
+    model.eval()
+    model.source = str(directory)
+    return model
