@@ -122,8 +122,8 @@ def denoise(
     """Integrate x [B, N, C] from timesteps[0] to timesteps[-1].
 
     Every step evaluates each branch (batching compatible ones) and combines their velocities with ``guide(preds)``
-    (a list in branch order; None: the single branch's prediction). ``callback(step, total, x)`` runs after each
-    step (raise in it to interrupt). ``trace``, if given, receives one dict per step with t_curr, t_prev,
+    (a list in branch order; None: the single branch's prediction). ``callback(done, total, x)`` runs after each
+    step with the number of steps done so far, 1..total (raise in it to interrupt). ``trace``, if given, receives one dict per step with t_curr, t_prev,
     t_vec, latent_in, preds (list, branch order), pred (guided) and latent_out.
     """
     groups = group_branches(branches, batch)
@@ -139,5 +139,5 @@ def denoise(
             )
         x = x_next
         if callback is not None:
-            callback(step, total, x)
+            callback(step + 1, total, x)
     return x

@@ -95,7 +95,7 @@ def test_t2i_denoise():
             callback=lambda i, n, _x: calls.append((i, n)),
             trace=trace,
         )
-    assert calls == [(0, 3), (1, 3), (2, 3)]
+    assert calls == [(1, 3), (2, 3), (3, 3)]
     for s, rec in enumerate(trace):
         assert_golden(rec["t_vec"], g[f"step{s}.t_vec"], f"step{s}.t_vec")
         assert_golden(rec["latent_in"], g[f"step{s}.latent_in"], f"step{s}.latent_in")
