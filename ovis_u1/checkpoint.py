@@ -146,7 +146,9 @@ def load_weights(
     (e.g. legacy VAE attention names) to the module's.
     """
     files = weight_files(directory)
-    stored = {rename(k): v for k, v in stored_shapes(files).items()}
+    on_disk = stored_shapes(files)
+    original = {rename(k): k for k in on_disk}
+    stored = {rename(k): v for k, v in on_disk.items()}
     expected = {k: tuple(t.shape) for k, t in module.state_dict(keep_vars=True).items() if k not in TIED_KEYS}
     # Legacy VAE attention weights may be stored as 1×1 convolutions; compare them as matrices.
     for k, (shape, path) in list(stored.items()):
@@ -155,7 +157,6 @@ def load_weights(
     validate_keys(expected, stored)
 
     by_file: dict[Path, list[str]] = {}
-    original = {rename(k): k for k in stored_shapes(files)}
     for key, (_, path) in stored.items():
         by_file.setdefault(path, []).append(key)
     state: dict[str, torch.Tensor] = {}
