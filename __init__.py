@@ -1,0 +1,14 @@
+"""ComfyUI-Ovis-U1: AIDC-AI's Ovis-U1-3B (understanding, text-to-image, editing) as ComfyUI nodes."""
+
+import os
+import sys
+
+# ``ovis_u1`` is a plain library beside this file; make it importable when ComfyUI loads the pack by path.
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:
+    sys.path.insert(0, _here)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+WEB_DIRECTORY = "./nodes/web"
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,199 @@
+"""The only module of the pack that touches ComfyUI internals.
+
+Every use is optional: without ComfyUI (CI, a plain Python shell) model folders come from ``$OVIS_U1_MODELS_DIR``
+and ``<cwd>/models/ovis_u1``, everything runs on the CPU in fp32, there is no progress bar, no preview and no
+interruption. Inside ComfyUI the three parts of a loaded model (LLM + visual encoder, MMDiT, VAE) are wrapped in
+ModelPatchers, so ComfyUI's model management moves them to the GPU when a node needs them and offloads or frees
+them when another model needs the memory (or after an out-of-memory error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ovis_u1 import find_model_dirs
+
+try:  # ComfyUI's own modules; absent outside ComfyUI
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+    import folder_paths
+except ImportError:
+    mm = None
+
+MODEL_FOLDER = "ovis_u1"
+ENV_MODELS_DIR = "OVIS_U1_MODELS_DIR"
+IN_COMFYUI = mm is not None
+
+log = logging.getLogger("ComfyUI-Ovis-U1")
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+def register_model_folder() -> None:
+    """Make ``models/ovis_u1`` a ComfyUI model folder; ``ovis_u1:`` entries of extra_model_paths.yaml add to it."""
+    if IN_COMFYUI:
+        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
+def model_roots() -> list[Path]:
+    """The folders searched for Ovis-U1 checkpoint folders, in priority order."""
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
+    roots = [Path(p) for p in os.environ.get(ENV_MODELS_DIR, "").split(os.pathsep) if p]
+    return roots + [Path.cwd() / "models" / MODEL_FOLDER]
+
+
+def list_models() -> list[str]:
+    """Names of the Ovis-U1 checkpoint folders (config.json with model_type ovis_u1) under the model roots."""
+    return list(dict.fromkeys(p.name for p in find_model_dirs(model_roots())))
+
+
+def resolve_model(name: str) -> Path | None:
+    """The checkpoint folder called ``name``; failing that any folder of that name (so that loading it explains what
+    is wrong with it); None when no root has it."""
+    for path in find_model_dirs(model_roots()):
+        if path.name == name:
+            return path
+    for root in model_roots():
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+# --------------------------------------------------------------------------------------------- devices, dtypes
+def load_device() -> torch.device:
+    return mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def offload_device(part: str = "llm") -> torch.device:
+    if not IN_COMFYUI:
+        return torch.device("cpu")
+    return mm.vae_offload_device() if part == "vae" else mm.unet_offload_device()
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def auto_dtype() -> torch.dtype:
+    """The dtype ComfyUI's model management recommends for the load device (bf16 where it is fast, else fp32; fp16 is
+    left to an explicit choice, as for ComfyUI's other Qwen-based models)."""
+    if not IN_COMFYUI:
+        return torch.float32
+    return mm.unet_dtype(load_device(), supported_dtypes=[torch.bfloat16, torch.float32])
+
+
+# ------------------------------------------------------------------------------------------ memory management
+class OvisU1LLM(nn.Module):
+    """The language model, visual encoder and visual embedding table (shared with the OvisU1 module)."""
+
+
+class OvisU1MMDiT(nn.Module):
+    """The MMDiT with its token refiner."""
+
+
+class OvisU1VAE(nn.Module):
+    """The SDXL-style VAE."""
+
+
+def _parts(model) -> dict[str, nn.Module]:
+    def part(cls, **children):
+        module = cls()
+        for name, child in children.items():
+            module.add_module(name, child)  # the same module objects: moving the part moves the model's weights
+        return module
+
+    return {
+        "llm": part(OvisU1LLM, llm=model.llm, visual_tokenizer=model.visual_tokenizer, vte=model.vte),
+        "mmdit": part(OvisU1MMDiT, backbone=model.visual_generator.backbone),
+        "vae": part(OvisU1VAE, vae=model.visual_generator.vae),
+    }
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct tensors (tied weights count once)."""
+    seen = {t.data_ptr(): t.nelement() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
+    return sum(seen.values())
+
+
+class ManagedModel:
+    """What flows through an ``OVIS_U1_MODEL`` socket: the OvisU1 module, its attention choice, and (in ComfyUI) one
+    ModelPatcher per part."""
+
+    def __init__(self, model, attention: str = "auto", name: str = ""):
+        self.model = model
+        self.attention = attention
+        self.name = name
+        self.patchers = {}
+        if IN_COMFYUI:
+            for part, module in _parts(model).items():
+                self.patchers[part] = comfy.model_patcher.ModelPatcher(
+                    module, load_device=load_device(), offload_device=offload_device(part), size=_weight_bytes(module)
+                )
+
+    def use(self, part: str, memory_required: int = 0):
+        """Make ``part`` ready to run (on the GPU, when ComfyUI has one) and return the OvisU1 module.
+
+        ``memory_required`` (bytes of activations) lets ComfyUI offload other models first, the other parts of this
+        one included: the LLM is offloaded while the MMDiT samples unless there is room for both.
+        """
+        self.model.set_attention(self.attention)
+        patcher = self.patchers.get(part)
+        if patcher is not None:
+            mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+        return self.model
+
+    def __repr__(self):
+        return f"OvisU1 model {self.name!r}"
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------------ progress and interruption
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
+    if IN_COMFYUI:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """A ProgressBar on the running node, checking for interruption on every update; ``latent_preview=True`` also
+    sends previews of the SDXL-VAE latents (scaled, [1, 4, h, w]) passed to ``update``."""
+
+    def __init__(self, total: int, latent_preview: bool = False):
+        self.total = total
+        self.bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+        self.previewer = None
+        if self.bar is not None and latent_preview:
+            try:
+                import latent_preview
+                from comfy.latent_formats import SDXL
+
+                self.previewer = latent_preview.get_previewer(load_device(), SDXL())
+            except (ImportError, AttributeError) as e:  # an older or newer ComfyUI without this API: no previews
+                log.debug("Ovis-U1: latent previews unavailable (%s)", e)
+
+    @property
+    def previews(self) -> bool:
+        return self.previewer is not None
+
+    def update(self, done: int, latent: torch.Tensor | None = None) -> None:
+        check_interrupt()
+        if self.bar is None:
+            return
+        preview = None
+        if self.previewer is not None and latent is not None and latent.ndim == 4 and latent.shape[1] == 4:
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", latent.float())
+        self.bar.update_absolute(done, self.total, preview)
+
+    def finish(self) -> None:
+        """Fill the bar (generation may stop before ``total``); never interrupts finished work."""
+        if self.bar is not None:
+            self.bar.update_absolute(self.total, self.total)

@@ -1,0 +1,72 @@
+"""ComfyUI IMAGE (float [B, H, W, C] in 0..1) ↔ PIL images, and decoded VAE output → IMAGE."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ovis_u1 import OvisU1InputError
+
+
+def _check(image, name: str) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        raise OvisU1InputError(f"{name}: expected an IMAGE tensor, got {type(image).__name__}")
+    if image.ndim == 3:  # a single H×W×C image without the batch dimension
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] == 0 or not 1 <= image.shape[-1] <= 4:
+        raise OvisU1InputError(
+            f"{name}: expected an IMAGE batch [B, H, W, C] with 1–4 channels, got shape {list(image.shape)}"
+        )
+    return image
+
+
+def to_pil_list(image: torch.Tensor, name: str = "image") -> list[Image.Image]:
+    """Every image of a batch as an RGB PIL image: 0..1 → uint8 by rounding; alpha dropped, greyscale expanded."""
+    image = _check(image, name)
+    pixels = torch.nan_to_num(image.detach().float().cpu()).clamp(0, 1).mul(255).round().to(torch.uint8)
+    channels = pixels.shape[-1]
+    if channels in (1, 2):  # greyscale (with alpha)
+        pixels = pixels[..., :1].expand(*pixels.shape[:-1], 3)
+    elif channels == 4:  # RGBA
+        pixels = pixels[..., :3]
+    return [Image.fromarray(np.ascontiguousarray(p.numpy()), "RGB") for p in pixels]
+
+
+def to_pil(image: torch.Tensor, name: str = "image") -> Image.Image:
+    """The one image of a batch of one; a larger batch is an error that names the input."""
+    images = to_pil_list(image, name)
+    if len(images) != 1:
+        raise OvisU1InputError(
+            f"{name}: got a batch of {len(images)} images, but this input takes one image; pick one "
+            "(e.g. with the core 'ImageFromBatch' node) or run the node once per image"
+        )
+    return images[0]
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image → IMAGE [1, H, W, 3] float32 (as ComfyUI's LoadImage makes it)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def from_decoded(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoded VAE output [B, 3, H, W] in −1..1 → IMAGE [B, H, W, 3] in 0..1, as ComfyUI's VAE decode does.
+
+    SaveImage's ``uint8(255·x)`` of this equals the official truncating ``uint8(127.5·(x + 1))`` exactly.
+    """
+    return ((pixels.float().clamp(-1, 1) + 1.0) / 2.0).movedim(1, -1).contiguous()
+
+
+def to_vae_pixels(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """IMAGE → [B, 3, H, W] in −1..1 for the VAE encoder; RGB only, cropped to multiples of 8 around the centre
+    (as ComfyUI's VAEEncode does)."""
+    image = _check(image, name).float()
+    if image.shape[-1] in (1, 2):
+        image = image[..., :1].expand(*image.shape[:-1], 3)
+    image = image[..., :3]
+    h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
+    if h == 0 or w == 0:
+        raise OvisU1InputError(f"{name}: {image.shape[2]}×{image.shape[1]} is too small to encode (at least 8×8)")
+    top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+    image = image[:, top : top + h, left : left + w]
+    return image.movedim(-1, 1).clamp(0, 1).mul(2).sub(1)

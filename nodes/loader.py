@@ -1,0 +1,79 @@
+"""Ovis-U1 Model Loader."""
+
+from __future__ import annotations
+
+import torch
+
+from ovis_u1 import CheckpointError, load_model
+
+from . import comfy_bridge as bridge
+
+MODEL_TYPE = "OVIS_U1_MODEL"
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ATTENTION = ("auto", "sdpa", "flash_attn")
+
+
+def _missing_model_message(name: str) -> str:
+    roots = ", ".join(str(r) for r in bridge.model_roots()) or "(none)"
+    return (
+        f"model {name!r} is not an Ovis-U1 checkpoint folder in {roots}: put the complete AIDC-AI/Ovis-U1-3B download "
+        f"in a folder there (e.g. models/ovis_u1/Ovis-U1-3B, or an 'ovis_u1:' entry of extra_model_paths.yaml) "
+        "and pick it in the model list"
+    )
+
+
+class OvisU1ModelLoader:
+    DESCRIPTION = (
+        "Loads an Ovis-U1 checkpoint folder (Hugging Face layout, e.g. AIDC-AI/Ovis-U1-3B) from models/ovis_u1. "
+        "Nothing is downloaded. The model joins ComfyUI's memory management in three parts (LLM + visual encoder, "
+        "MMDiT, VAE), each moved to the GPU only while a node uses it."
+    )
+    CATEGORY = "Ovis-U1"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Ovis-U1 model, for every other Ovis-U1 node.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (bridge.list_models(), {
+                    "tooltip": "Checkpoint folder under models/ovis_u1 (or an 'ovis_u1:' path of "
+                               "extra_model_paths.yaml) whose config.json says model_type ovis_u1.",
+                }),
+                "dtype": (list(DTYPES), {
+                    "default": "auto",
+                    "tooltip": "Weight and compute precision of the LLM, visual encoder and MMDiT (the VAE always "
+                               "runs in fp32). auto: what ComfyUI recommends for the device (bf16 on recent GPUs, "
+                               "fp32 on the CPU).",
+                }),
+                "attention": (list(ATTENTION), {
+                    "default": "auto",
+                    "tooltip": "Attention kernel. auto: flash-attn when installed and on a CUDA GPU, else PyTorch "
+                               "SDPA. flash_attn requires the flash-attn package.",
+                }),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model):
+        # Replaces ComfyUI's "value not in list" check with a message that says where the folder must go.
+        if bridge.resolve_model(model) is None:
+            return _missing_model_message(model)
+        return True
+
+    def load(self, model: str, dtype: str = "auto", attention: str = "auto"):
+        path = bridge.resolve_model(model)
+        if path is None:
+            raise CheckpointError(_missing_model_message(model))
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
+        if attention not in ATTENTION:
+            raise CheckpointError(f"attention {attention!r} is unknown: use one of {', '.join(ATTENTION)}")
+        torch_dtype = DTYPES[dtype] or bridge.auto_dtype()
+        try:
+            ovis = load_model(path, device=bridge.offload_device(), dtype=torch_dtype, attention=attention)
+        except CheckpointError as e:
+            raise CheckpointError(f"model {model!r}: {e}") from e
+        return (bridge.ManagedModel(ovis, attention=attention, name=model),)
