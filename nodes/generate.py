@@ -236,8 +236,8 @@ class OvisU1Sampler:
             memory = _sampling_memory(model.model, refined, width, height, context is not None)
         progress = bridge.Progress(steps, latent_preview=True)
 
-        def callback(done, total, x):
-            latent = unpack_latents(x[:1].float(), height, width) if progress.previews else None
+        def callback(done, total, x, denoised):
+            latent = unpack_latents(denoised[:1].float(), height, width) if progress.previews else None
             progress.update(done, latent)
 
         ovis = model.use("mmdit", memory)

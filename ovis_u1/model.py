@@ -287,7 +287,7 @@ class OvisU1(nn.Module):
         img_cfg: float = 1.5,
         seed: int = 42,
         timestep_shift: bool | None = None,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Flow-matching Euler sampling with CFG → VAE latent [1, 4, H/8, W/8] (unscaled, fp32; SPEC §C.3–C.6)."""
         if refined.mode == "edit":

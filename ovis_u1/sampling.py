@@ -122,8 +122,9 @@ def denoise(
     """Integrate x [B, N, C] from timesteps[0] to timesteps[-1].
 
     Every step evaluates each branch (batching compatible ones) and combines their velocities with ``guide(preds)``
-    (a list in branch order; None: the single branch's prediction). ``callback(done, total, x)`` runs after each
-    step with the number of steps done so far, 1..total (raise in it to interrupt). ``trace``, if given, receives one dict per step with t_curr, t_prev,
+    (a list in branch order; None: the single branch's prediction). ``callback(done, total, x, denoised)`` runs after each
+    step with the number of steps done so far (1..total), the new latent and the current estimate of the clean
+    latent, x − t·v (for previews); raise in it to interrupt. ``trace``, if given, receives one dict per step with t_curr, t_prev,
     t_vec, latent_in, preds (list, branch order), pred (guided) and latent_out.
     """
     groups = group_branches(branches, batch)
@@ -137,7 +138,7 @@ def denoise(
             trace.append(
                 dict(t_curr=t_curr, t_prev=t_prev, t_vec=t_vec, latent_in=x, preds=preds, pred=pred, latent_out=x_next)
             )
-        x = x_next
         if callback is not None:
-            callback(step + 1, total, x)
+            callback(step + 1, total, x_next, x - t_curr * pred)
+        x = x_next
     return x

@@ -92,7 +92,7 @@ def test_t2i_denoise():
             g["timesteps"].tolist(),
             list(t2i_branches()),
             lambda preds: guide_t2i(*preds, p["txt_cfg"]),
-            callback=lambda i, n, _x: calls.append((i, n)),
+            callback=lambda i, n, _x, _x0: calls.append((i, n)),
             trace=trace,
         )
     assert calls == [(1, 3), (2, 3), (3, 3)]

@@ -107,7 +107,7 @@ def test_sample_steps_match_golden_latents(model):
     refined = model.refine(model.encode_condition(p["prompt"], "t2i", width=64, height=64))
     latents = []
     model.sample(refined, 64, 64, steps=p["steps"], txt_cfg=p["txt_cfg"], seed=p["seed"],
-                 callback=lambda step, total, x: latents.append(x.clone()))
+                 callback=lambda step, total, x, denoised: latents.append(x.clone()))
     for s, x in enumerate(latents):
         assert_golden(x, g[f"step{s}.latent_out"], f"step{s}.latent_out")
 
