@@ -37,12 +37,13 @@ def resolve_model(explicit: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def no_model_message() -> str:
+def no_model_message(hint_demo: bool = True) -> str:
     where = "\n  ".join(str(r) for r in model_roots())
+    hint = " (`python -m ovis_u1 demo` runs a smoke test without it.)" if hint_demo else ""
     return (
         "no Ovis-U1 model found. Looked in:\n  " + where + "\n"
         "Download it with\n  huggingface-cli download AIDC-AI/Ovis-U1-3B --local-dir models/ovis_u1/Ovis-U1-3B\n"
-        "or pass --model DIR / set OVIS_U1_MODEL. (`python -m ovis_u1 demo` runs a smoke test without it.)"
+        "or pass --model DIR / set OVIS_U1_MODEL." + hint
     )
 
 
@@ -97,7 +98,7 @@ def run_demo(args) -> int:
             build_smoke_model(path)
         banner = ("SMOKE RUN — no Ovis-U1-3B found, so this runs a small random-weight Ovis-U1 built by the pack "
                   f"({path}). Its images are noise and its text is nonsense; it only proves the pipeline runs.")
-        print("=" * 100 + "\n" + banner + "\n" + no_model_message() + "\n" + "=" * 100, flush=True)
+        print("=" * 100 + "\n" + banner + "\n" + no_model_message(hint_demo=False) + "\n" + "=" * 100, flush=True)
     smoke = smoke or is_smoke_model(path)
     model = _load(args, path)
     out = Path(args.out)
