@@ -1,0 +1,560 @@
+"""The example workflows in ``workflows/``: UI-format graphs (what ComfyUI's frontend saves) checked against the node
+definitions, then executed end to end on the tiny_a checkpoint by a small UI-graph executor.
+
+Validation mirrors what the frontend does when it loads a graph: ``widgets_values`` holds one value per widget
+input (INT, FLOAT, STRING, BOOLEAN, COMBO) in INPUT_TYPES order (required, then optional); an INT with
+``control_after_generate`` (by default any input named ``seed``/``noise_seed``) is followed by its control value;
+an ``image_upload`` COMBO is followed by the upload widget's value. Links must agree with the node definitions'
+socket types and with the nodes' own link references.
+
+Core ComfyUI nodes are not importable here: they are described by hand-written specs (``CORE_NODES``, copied from
+ComfyUI 0.3.64's nodes.py / comfy_extras) and executed by minimal stand-ins.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tests.golden import CHECKPOINT, TINY_A, requires_golden
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+NAMES = ("text_to_image", "image_edit", "image_understanding", "multi_image_understanding", "canny_to_image")
+PACK_NAME = "comfyui_ovis_u1_under_test"  # the same name tests/test_nodes.py imports the pack under
+MODEL_FOLDER = "Ovis-U1-3B"
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TITLE_HEIGHT = 30  # LiteGraph draws the title bar above a node's pos
+
+
+def _import_pack():
+    """Import the pack as ComfyUI's load_custom_node does: the folder's __init__.py under a path-derived name."""
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK_NAME]
+
+
+PACK_NODES = _import_pack().NODE_CLASS_MAPPINGS
+
+
+class CoreNode:
+    """A hand-written description of a core ComfyUI node (the parts of its class a workflow depends on)."""
+
+    def __init__(self, inputs: dict, outputs: tuple = (), output_node: bool = False):
+        self.inputs, self.RETURN_TYPES, self.OUTPUT_NODE = inputs, outputs, output_node
+
+    def INPUT_TYPES(self):
+        return self.inputs
+
+
+# Only these core nodes may appear in a workflow. Options that the frontend fills from the server (files in input/)
+# are listed with ComfyUI's shipped example image.
+CORE_NODES = {
+    "LoadImage": CoreNode({"required": {"image": (["example.png"], {"image_upload": True})}}, ("IMAGE", "MASK")),
+    "SaveImage": CoreNode({"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
+                          output_node=True),
+    "PreviewImage": CoreNode({"required": {"images": ("IMAGE",)}}, output_node=True),
+    "ImageBatch": CoreNode({"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}, ("IMAGE",)),
+    "Canny": CoreNode({"required": {
+        "image": ("IMAGE",),
+        "low_threshold": ("FLOAT", {"default": 0.4, "min": 0.01, "max": 0.99, "step": 0.01}),
+        "high_threshold": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 0.99, "step": 0.01}),
+    }}, ("IMAGE",)),
+    "Note": CoreNode({"required": {"text": ("STRING", {"multiline": True})}}),
+}
+# COMBOs whose options are files or folders on disk: checked by value below, not against a list.
+DISK_COMBOS = {("LoadImage", "image"), ("OvisU1ModelLoader", "model")}
+
+# The official demo's settings (and this pack's choices) that the saved workflows must keep.
+EDIT_SAMPLER = {"steps": 50, "txt_cfg": 6.0, "img_cfg": 1.5, "seed": 42, "seed:control": "fixed",
+                "timestep_shift": "config"}
+EXPECTED_WIDGETS = {
+    "text_to_image": {
+        "OvisU1EncodeCondition": {"mode": "text-to-image", "width": 1024, "height": 1024},
+        "OvisU1Sampler": {"width": 1024, "height": 1024, "steps": 50, "txt_cfg": 5.0, "seed": 42,
+                          "seed:control": "fixed", "timestep_shift": "config"},
+    },
+    "image_edit": {"OvisU1EncodeCondition": {"mode": "edit"}, "OvisU1Sampler": EDIT_SAMPLER},
+    "canny_to_image": {"OvisU1EncodeCondition": {"mode": "edit"}, "OvisU1Sampler": EDIT_SAMPLER},
+    "image_understanding": {"OvisU1Understand": {"do_sample": False}},
+    "multi_image_understanding": {"OvisU1Understand": {"do_sample": False}},
+}
+EVERY_WORKFLOW_WIDGETS = {
+    "OvisU1ModelLoader": {"model": MODEL_FOLDER, "dtype": "auto", "attention": "auto"},
+    "LoadImage": {"image": "example.png", "image:upload": "image"},
+}
+# (source type, source output slot, target type, target input) links each workflow must have.
+EXPECTED_LINKS = {
+    "text_to_image": [
+        ("OvisU1EncodeCondition", 0, "OvisU1Refiner", "condition"), ("OvisU1Refiner", 0, "OvisU1Sampler", "refined"),
+        ("OvisU1Sampler", 0, "OvisU1VAEDecode", "samples"), ("OvisU1VAEDecode", 0, "SaveImage", "images"),
+    ],
+    "image_edit": [
+        ("LoadImage", 0, "OvisU1EditContextEncoder", "image"),
+        ("OvisU1EditContextEncoder", 1, "OvisU1EncodeCondition", "image"),
+        ("OvisU1EditContextEncoder", 0, "OvisU1Sampler", "context"),
+        ("OvisU1EncodeCondition", 0, "OvisU1Refiner", "condition"), ("OvisU1Refiner", 0, "OvisU1Sampler", "refined"),
+        ("OvisU1Sampler", 0, "OvisU1VAEDecode", "samples"), ("OvisU1VAEDecode", 0, "SaveImage", "images"),
+    ],
+    "canny_to_image": [
+        ("LoadImage", 0, "Canny", "image"), ("Canny", 0, "OvisU1EditContextEncoder", "image"),
+        ("Canny", 0, "PreviewImage", "images"),
+        ("OvisU1EditContextEncoder", 1, "OvisU1EncodeCondition", "image"),
+        ("OvisU1EditContextEncoder", 0, "OvisU1Sampler", "context"),
+        ("OvisU1EncodeCondition", 0, "OvisU1Refiner", "condition"), ("OvisU1Refiner", 0, "OvisU1Sampler", "refined"),
+        ("OvisU1Sampler", 0, "OvisU1VAEDecode", "samples"), ("OvisU1VAEDecode", 0, "SaveImage", "images"),
+    ],
+    "image_understanding": [("LoadImage", 0, "OvisU1Understand", "image")],
+    "multi_image_understanding": [
+        ("LoadImage", 0, "ImageBatch", "image1"), ("LoadImage", 0, "ImageBatch", "image2"),
+        ("ImageBatch", 0, "OvisU1Understand", "image"),
+    ],
+}
+
+
+# ------------------------------------------------------------------------------------------------ graph helpers
+def node_class(type_: str):
+    if type_ in PACK_NODES:
+        return PACK_NODES[type_]
+    if type_ in CORE_NODES:
+        return CORE_NODES[type_]
+    raise AssertionError(f"node type {type_!r} is neither one of this pack's nodes nor an allowed core node")
+
+
+def _split(spec) -> tuple:
+    return spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+
+
+def _is_widget(kind, options) -> bool:
+    return (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def inputs_of(cls) -> list[tuple[str, object, dict]]:
+    """(name, kind, options) of every input in INPUT_TYPES order: required, then optional."""
+    spec = cls.INPUT_TYPES()
+    return [(name, *_split(s)) for section in ("required", "optional") for name, s in spec.get(section, {}).items()]
+
+
+def widget_slots(cls) -> list[tuple[str, object, dict]]:
+    """The node's widgets in the order of ``widgets_values``, with the frontend's extra widgets: ``<name>:control``
+    after a seed-like INT, ``<name>:upload`` after an image-upload COMBO."""
+    slots = []
+    for name, kind, options in inputs_of(cls):
+        if not _is_widget(kind, options):
+            continue
+        slots.append((name, kind, options))
+        if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
+            slots.append((f"{name}:control", "CONTROL", {}))
+        if options.get("image_upload"):
+            slots.append((f"{name}:upload", "UPLOAD", {}))
+    return slots
+
+
+def socket_types(cls) -> dict[str, tuple[str, bool]]:
+    """name → (type, required) of the inputs that are sockets (links), not widgets."""
+    spec = cls.INPUT_TYPES()
+    return {name: (kind, section == "required") for section in ("required", "optional")
+            for name, (kind, options) in ((n, _split(s)) for n, s in spec.get(section, {}).items())
+            if not _is_widget(kind, options)}
+
+
+def widget_values(node: dict) -> dict[str, object]:
+    """The node's widgets_values by widget name (the lengths are checked by the validation)."""
+    return dict(zip((name for name, _, _ in widget_slots(node_class(node["type"]))), node.get("widgets_values") or []))
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def nodes_of(graph: dict, type_: str) -> list[dict]:
+    return [n for n in graph["nodes"] if n["type"] == type_]
+
+
+def topological(graph: dict) -> list[dict]:
+    """The executable nodes (not notes) so that every link goes from an earlier to a later node."""
+    deps = {n["id"]: {link[1] for link in graph["links"] if link[3] == n["id"]} for n in graph["nodes"]}
+    order, done = [], set()
+    while len(order) < len(deps):
+        ready = sorted(i for i in deps if i not in done and deps[i] <= done)
+        assert ready, "the graph has a cycle"
+        order.append(ready[0])
+        done.add(ready[0])
+    by_id = {n["id"]: n for n in graph["nodes"]}
+    return [by_id[i] for i in order if by_id[i]["type"] != "Note"]
+
+
+# ------------------------------------------------------------------------------------------------- validation
+def check_widget_value(where: str, kind, options: dict, value) -> None:
+    if kind == "CONTROL":
+        assert value in CONTROL_VALUES, f"{where}: control_after_generate {value!r} not in {CONTROL_VALUES}"
+    elif kind == "UPLOAD":
+        assert value == "image", f"{where}: upload widget value {value!r}, the frontend saves 'image'"
+    elif isinstance(kind, (list, tuple)):
+        assert value in kind, f"{where}: {value!r} is not one of {list(kind)}"
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an INT"
+        assert options.get("min", -math.inf) <= value <= options.get("max", math.inf), f"{where}: {value} out of range"
+        if "step" in options:
+            assert value % options["step"] == 0, f"{where}: {value} is not a multiple of {options['step']}"
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r} is not a FLOAT"
+        assert options.get("min", -math.inf) <= value <= options.get("max", math.inf), f"{where}: {value} out of range"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{where}: {value!r} is not a STRING"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a BOOLEAN"
+
+
+def validate(graph: dict) -> None:
+    """Everything the frontend and ComfyUI's prompt validation rely on."""
+    assert graph.get("version") == 0.4 and graph.get("revision") == 0
+    assert isinstance(graph.get("id"), str) and len(graph["id"]) == 36
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert len(nodes) == len(graph["nodes"]), "duplicate node ids"
+    links = {link[0]: link for link in graph["links"]}
+    assert len(links) == len(graph["links"]), "duplicate link ids"
+    assert graph["last_node_id"] >= max(nodes) and graph["last_link_id"] >= max(links, default=0)
+
+    for node in graph["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        cls = node_class(node["type"])
+        assert node.get("mode", 0) == 0, f"{where}: muted or bypassed"
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2
+        if node["type"] != "Note":
+            assert node["properties"].get("Node name for S&R") == node["type"], where
+
+        # widgets: count, order, types, ranges
+        slots = widget_slots(cls)
+        values = node.get("widgets_values", [])
+        assert isinstance(values, list), f"{where}: widgets_values must be a list"
+        assert len(values) == len(slots), (
+            f"{where}: {len(values)} widgets_values for the widgets {[s[0] for s in slots]}")
+        for (name, kind, options), value in zip(slots, values):
+            if (node["type"], name) not in DISK_COMBOS:
+                check_widget_value(f"{where}.{name}", kind, options, value)
+        for name in ("prompt", "question", "text"):
+            if name in widget_values(node):
+                assert widget_values(node)[name].strip(), f"{where}: {name} is empty"
+
+        # sockets: names, types, link references
+        sockets = socket_types(cls)
+        names = [i["name"] for i in node["inputs"]]
+        assert len(names) == len(set(names)), f"{where}: duplicate inputs"
+        for slot, inp in enumerate(node["inputs"]):
+            if "widget" in inp:  # the newer frontend lists widgets as inputs too; none may be linked
+                assert inp["link"] is None, f"{where}: widget {inp['name']} converted to a linked socket"
+                continue
+            assert inp["name"] in sockets, f"{where}: unknown input {inp['name']!r}"
+            assert inp["type"] == sockets[inp["name"]][0], f"{where}.{inp['name']}: type {inp['type']}"
+            if inp["link"] is not None:
+                link = links[inp["link"]]
+                assert (link[3], link[4]) == (node["id"], slot), f"{where}.{inp['name']}: link {link} points elsewhere"
+        missing = [n for n, (_, required) in sockets.items() if required and not any(
+            i["name"] == n and i["link"] is not None for i in node["inputs"])]
+        assert not missing, f"{where}: required inputs {missing} are not connected"
+        returns = tuple(cls.RETURN_TYPES)
+        assert [o["type"] for o in node["outputs"]] == list(returns), f"{where}: outputs {node['outputs']}"
+        for slot, out in enumerate(node["outputs"]):
+            for link_id in out.get("links") or []:
+                link = links[link_id]
+                assert (link[1], link[2]) == (node["id"], slot), f"{where}: output link {link} points elsewhere"
+
+    for link_id, src, src_slot, dst, dst_slot, type_ in graph["links"]:
+        where = f"link {link_id}"
+        assert src in nodes and dst in nodes, f"{where}: unknown node"
+        out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert node_class(nodes[src]["type"]).RETURN_TYPES[src_slot] == out["type"] == type_, f"{where}: {type_}"
+        assert socket_types(node_class(nodes[dst]["type"]))[inp["name"]][0] == inp["type"] == type_, where
+        assert link_id in (out.get("links") or []) and inp["link"] == link_id, f"{where}: not referenced by its nodes"
+
+    # the frontend's execution order: every link goes forward
+    order = {n["id"]: n["order"] for n in graph["nodes"]}
+    assert sorted(order.values()) == list(range(len(order)))
+    for link in graph["links"]:
+        assert order[link[1]] < order[link[3]], f"link {link}: order"
+
+
+def check_layout(graph: dict) -> None:
+    """No two nodes (title bar included) overlap, so the graph reads left to right as saved."""
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in graph["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            overlap = a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
+            assert not overlap, f"nodes {a[0]} and {b[0]} overlap"
+
+
+def test_the_workflow_folder_holds_exactly_the_examples():
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.jpg")) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_matches_the_node_definitions(name):
+    graph = load_workflow(name)
+    validate(graph)
+    check_layout(graph)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_keeps_the_official_defaults(name):
+    graph = load_workflow(name)
+    assert len(nodes_of(graph, "OvisU1ModelLoader")) == 1
+    expected = {**EVERY_WORKFLOW_WIDGETS, **EXPECTED_WIDGETS[name]}
+    for type_, want in expected.items():
+        nodes = nodes_of(graph, type_)
+        assert nodes or type_ in EVERY_WORKFLOW_WIDGETS, f"{name}: no {type_} node"
+        for node in nodes:
+            got = widget_values(node)
+            for key, value in want.items():
+                assert got[key] == value and type(got[key]) is type(value), (
+                    f"{name}: {type_}.{key} is {got[key]!r}, expected {value!r}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_is_wired_as_described(name):
+    graph = load_workflow(name)
+    by_id = {n["id"]: n for n in graph["nodes"]}
+    present = {(by_id[s]["type"], ss, by_id[d]["type"], by_id[d]["inputs"][ds]["name"])
+               for _, s, ss, d, ds, _ in graph["links"]}
+    missing = [link for link in EXPECTED_LINKS[name] if link not in present]
+    assert not missing, f"{name}: missing links {missing}"
+    (loader,) = nodes_of(graph, "OvisU1ModelLoader")
+    for node in graph["nodes"]:
+        for inp in node["inputs"]:
+            if inp["type"] == "OVIS_U1_MODEL":
+                assert inp["link"] is not None and by_id[next(
+                    link[1] for link in graph["links"] if link[0] == inp["link"])] is loader, node["type"]
+    if name == "text_to_image":
+        condition = widget_values(nodes_of(graph, "OvisU1EncodeCondition")[0])
+        sampler = widget_values(nodes_of(graph, "OvisU1Sampler")[0])
+        assert (condition["width"], condition["height"]) == (sampler["width"], sampler["height"])
+        assert not any(i["link"] for n in graph["nodes"] for i in n["inputs"] if i["name"] in ("image", "context"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_has_a_note_and_a_thumbnail(name):
+    graph = load_workflow(name)
+    notes = nodes_of(graph, "Note")
+    assert notes, f"{name}: no Note node"
+    text = " ".join(n["widgets_values"][0] for n in notes)
+    assert "models/ovis_u1/Ovis-U1-3B" in text, f"{name}: the note must say where the weights go"
+    with Image.open(WORKFLOWS / f"{name}.jpg") as thumb:
+        assert thumb.format == "JPEG"
+        assert 400 <= thumb.width <= 1600 and 200 <= thumb.height <= 1200, thumb.size
+        thumb.load()
+
+
+def test_widget_slots_follow_the_frontend_conventions():
+    """The seed of the sampler carries a control value; the seeds that opt out (control_after_generate False) and
+    every other INT do not; LoadImage has its upload widget."""
+    sampler = [s[0] for s in widget_slots(PACK_NODES["OvisU1Sampler"])]
+    assert sampler == ["width", "height", "steps", "txt_cfg", "img_cfg", "seed", "seed:control", "timestep_shift"]
+    assert [s[0] for s in widget_slots(PACK_NODES["OvisU1EditContextEncoder"])] == ["seed"]
+    assert "seed:control" not in [s[0] for s in widget_slots(PACK_NODES["OvisU1Understand"])]
+    assert [s[0] for s in widget_slots(CORE_NODES["LoadImage"])] == ["image", "image:upload"]
+
+
+# --------------------------------------------------------------------------------------------------- execution
+# CI runs on a small CPU: the sampler runs 2 steps instead of the saved 50 and an answer stops after 8 tokens. Every
+# other widget (sizes, cfg, seed, prompts) is executed as saved; the validation above checks the saved defaults.
+CI_OVERRIDES = {"OvisU1Sampler": {"steps": 2}, "OvisU1Understand": {"max_new_tokens": 8}}
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    """As ComfyUI's LoadImage: RGB float [1, H, W, 3] in 0..1 (and a mask)."""
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels)[None]
+
+
+def _image_batch(image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+    """As ComfyUI's ImageBatch: image2 centre-cropped to image1's aspect and bilinearly resized to its size."""
+    if image1.shape[1:] != image2.shape[1:]:
+        height, width = image1.shape[1:3]
+        samples = image2.movedim(-1, 1)
+        old_h, old_w = samples.shape[-2:]
+        old_aspect, new_aspect = old_w / old_h, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        samples = samples.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+        image2 = F.interpolate(samples, size=(height, width), mode="bilinear").movedim(1, -1)
+    return torch.cat((image1, image2))
+
+
+def _canny(image: torch.Tensor, low_threshold: float, high_threshold: float) -> torch.Tensor:
+    """A stand-in for ComfyUI's Canny (kornia): Sobel gradient magnitude, normalised, thresholded; 3 channels."""
+    grey = image.movedim(-1, 1).mean(1, keepdim=True)
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    gx = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), sobel[None, None])
+    gy = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), sobel.T[None, None])
+    magnitude = (gx.square() + gy.square()).sqrt()
+    magnitude = magnitude / magnitude.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+    edges = (magnitude > low_threshold).float()
+    return edges.repeat(1, 3, 1, 1).movedim(1, -1)
+
+
+class Executor:
+    """Runs a UI-format graph as ComfyUI would after the frontend converted it: nodes in dependency order, kwargs
+    from widgets_values (by the widget order of INPUT_TYPES) and links, the pack's nodes through their FUNCTION,
+    core nodes through stand-ins. LoadImage takes the test images in node-id order."""
+
+    def __init__(self, images: list[Path], overrides: dict | None = None, cache: dict | None = None):
+        self.images = list(images)
+        self.overrides = overrides or {}
+        self.cache = cache if cache is not None else {}  # loader results, as ComfyUI's cache would keep them
+        self.saved: dict[int, torch.Tensor] = {}  # SaveImage / PreviewImage inputs by node id
+        self.ui: dict[int, dict] = {}
+
+    @staticmethod
+    def widget_kwargs(node: dict) -> dict:
+        """The widget values ComfyUI receives (without the frontend-only control and upload widgets)."""
+        return {name: value for name, value in widget_values(node).items() if ":" not in name}
+
+    def kwargs(self, node: dict, outputs: dict, links: dict) -> dict:
+        kwargs = self.widget_kwargs(node)
+        for inp in node["inputs"]:
+            if inp["link"] is not None:
+                _, src, src_slot, *_ = links[inp["link"]]
+                kwargs[inp["name"]] = outputs[src][src_slot]
+        kwargs.update(self.overrides.get(node["type"], {}))
+        return kwargs
+
+    def core(self, node: dict, kwargs: dict) -> tuple:
+        type_ = node["type"]
+        if type_ == "LoadImage":
+            image = _load_image(self.images.pop(0))
+            return image, torch.zeros(image.shape[:3])
+        if type_ in ("SaveImage", "PreviewImage"):
+            self.saved[node["id"]] = kwargs["images"]
+            return ()
+        if type_ == "ImageBatch":
+            return (_image_batch(kwargs["image1"], kwargs["image2"]),)
+        if type_ == "Canny":
+            return (_canny(kwargs["image"], kwargs["low_threshold"], kwargs["high_threshold"]),)
+        raise AssertionError(f"no stand-in for {type_}")
+
+    def run(self, graph: dict) -> dict[int, tuple]:
+        links = {link[0]: link for link in graph["links"]}
+        outputs: dict[int, tuple] = {}
+        for node in topological(graph):
+            kwargs = self.kwargs(node, outputs, links)
+            if node["type"] in CORE_NODES:
+                outputs[node["id"]] = self.core(node, kwargs)
+                continue
+            cls = PACK_NODES[node["type"]]
+            key = (node["type"], tuple(sorted(kwargs.items()))) if node["type"] == "OvisU1ModelLoader" else None
+            if key in self.cache:
+                outputs[node["id"]] = self.cache[key]
+                continue
+            result = getattr(cls(), cls.FUNCTION)(**kwargs)
+            if isinstance(result, dict):
+                self.ui[node["id"]] = result.get("ui")
+                result = result["result"]
+            assert isinstance(result, tuple) and len(result) == len(cls.RETURN_TYPES), node["type"]
+            outputs[node["id"]] = result
+            if key is not None:
+                self.cache[key] = result
+        return outputs
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A models/ovis_u1 folder with the tiny checkpoint under the folder name the workflows use."""
+    root = tmp_path_factory.mktemp("ovis_u1_models")
+    (root / MODEL_FOLDER).symlink_to(CHECKPOINT, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OVIS_U1_MODELS_DIR", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def model_cache():
+    return {}
+
+
+UNDERSTAND_IMAGE = TINY_A / "cases" / "understand" / "input.png"
+EDIT_IMAGE = TINY_A / "cases" / "edit" / "input.png"
+
+
+def _assert_image(image: torch.Tensor, width: int, height: int, what: str) -> None:
+    assert isinstance(image, torch.Tensor) and tuple(image.shape) == (1, height, width, 3), (
+        f"{what}: {tuple(image.shape)}, expected (1, {height}, {width}, 3)")
+    assert torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1, what
+    assert image.std() > 0.01, f"{what} is blank"
+
+
+def _run(name: str, images: list[Path], cache: dict) -> Executor:
+    graph = load_workflow(name)
+    validate(graph)
+    executor = Executor(images, CI_OVERRIDES, cache)
+    executor.run(graph)
+    assert not executor.images, "a test image was not used"
+    return executor
+
+
+def _saved(executor: Executor, graph: dict, type_: str, title: str | None = None) -> torch.Tensor:
+    nodes = [n for n in nodes_of(graph, type_) if title is None or n.get("title") == title]
+    assert len(nodes) == 1, f"{type_} {title!r}"
+    return executor.saved[nodes[0]["id"]]
+
+
+@requires_golden
+def test_text_to_image_runs(models_dir, model_cache):
+    executor = _run("text_to_image", [], model_cache)
+    _assert_image(_saved(executor, load_workflow("text_to_image"), "SaveImage"), 1024, 1024, "text-to-image")
+
+
+@requires_golden
+@pytest.mark.parametrize("name", ["image_edit", "canny_to_image"])
+def test_edit_workflows_run(name, models_dir, model_cache):
+    graph = load_workflow(name)
+    executor = _run(name, [EDIT_IMAGE], model_cache)
+    with Image.open(TINY_A / "cases" / "edit" / "input_resized.png") as resized:  # the official edit size
+        width, height = resized.size
+    with Image.open(EDIT_IMAGE) as source:
+        source_size = source.size
+    assert (width, height) != source_size
+    _assert_image(_saved(executor, graph, "SaveImage"), width, height, f"{name} result")
+    if name == "image_edit":
+        _assert_image(_saved(executor, graph, "PreviewImage"), width, height, "input at edit size")
+    else:
+        edges = _saved(executor, graph, "PreviewImage")
+        _assert_image(edges, *source_size, "edge map")
+        assert set(edges.unique().tolist()) <= {0.0, 1.0}
+
+
+@requires_golden
+@pytest.mark.parametrize("name, images", [
+    ("image_understanding", [UNDERSTAND_IMAGE]),
+    ("multi_image_understanding", [UNDERSTAND_IMAGE, EDIT_IMAGE]),
+])
+def test_understanding_workflows_run(name, images, models_dir, model_cache):
+    executor = _run(name, images, model_cache)
+    (node,) = nodes_of(load_workflow(name), "OvisU1Understand")
+    ui = executor.ui[node["id"]]
+    assert isinstance(ui["text"][0], str) and ui["text"][0].strip(), "empty answer"
+
+
+def test_executor_maps_widgets_like_the_frontend():
+    """The saved sampler widgets become the kwargs ComfyUI's frontend sends (the control value is not one)."""
+    graph = load_workflow("text_to_image")
+    (sampler,) = nodes_of(graph, "OvisU1Sampler")
+    assert Executor.widget_kwargs(sampler) == {"width": 1024, "height": 1024, "steps": 50, "txt_cfg": 5.0, "img_cfg": 1.5, "seed": 42,
+                      "timestep_shift": "config"}
