@@ -5,7 +5,6 @@ check that every node imports and runs on the CPU without it."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
@@ -18,27 +17,16 @@ import torch
 from PIL import Image
 
 from ovis_u1 import CheckpointError, OvisU1InputError
+from tests.pack import PACK_NAME, ROOT, import_pack
 from tests.golden import CHECKPOINT, TINY_A, assert_golden, case_params, requires_golden, tensors
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "comfyui_ovis_u1_under_test"
 CORE_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "CLIP_VISION", "CONTROL_NET", "LATENT", "IMAGE", "MASK", "STRING",
               "INT", "FLOAT", "BOOLEAN", "NOISE", "SAMPLER", "SIGMAS", "GUIDER"}
 
 pytestmark = requires_golden
 
 
-def _import_pack():
-    """Import the pack as ComfyUI's load_custom_node does: the folder's __init__.py under a path-derived name."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
-
-
-PACK = _import_pack()
+PACK = import_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
 

@@ -13,7 +13,6 @@ ComfyUI 0.3.64's nodes.py / comfy_extras) and executed by minimal stand-ins.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -25,29 +24,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.pack import ROOT, import_pack
 from tests.golden import CHECKPOINT, TINY_A, requires_golden
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 NAMES = ("text_to_image", "image_edit", "image_understanding", "multi_image_understanding", "canny_to_image")
-PACK_NAME = "comfyui_ovis_u1_under_test"  # the same name tests/test_nodes.py imports the pack under
 MODEL_FOLDER = "Ovis-U1-3B"
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TITLE_HEIGHT = 30  # LiteGraph draws the title bar above a node's pos
 
 
-def _import_pack():
-    """Import the pack as ComfyUI's load_custom_node does: the folder's __init__.py under a path-derived name."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
-
-
-PACK_NODES = _import_pack().NODE_CLASS_MAPPINGS
+PACK_NODES = import_pack().NODE_CLASS_MAPPINGS
 
 
 class CoreNode:
