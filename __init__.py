@@ -4,9 +4,10 @@ import os
 import sys
 
 # ``ovis_u1`` is a plain library beside this file; make it importable when ComfyUI loads the pack by path.
+# Appended, not prepended, so this folder never shadows a module of ComfyUI or of another pack.
 _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
-    sys.path.insert(0, _here)
+    sys.path.append(_here)
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
