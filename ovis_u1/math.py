@@ -1,4 +1,5 @@
-"""Pure tensor functions of the MMDiT: timestep embedding and the 3-axis rotary position embedding (SPEC §C.5).
+"""Pure tensor functions: RMS normalisation (AIMv2 and the MMDiT's QK-norm), the timestep embedding and the
+3-axis rotary position embedding of the MMDiT (SPEC §B.4, §C.5).
 
 Nothing here holds state; the model computes the tables once per prompt/size (``MMDiT.prepare``) and reuses them
 at every denoising step.
@@ -10,6 +11,12 @@ import math
 
 import torch
 from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) over the last dim with the statistics in fp32, cast back to x's dtype, then times ``weight``."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000, time_factor: float = 1000.0) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .config import MMDiTParams
-from .math import apply_rope, embed_positions, grid_ids, timestep_embedding
+from .math import apply_rope, embed_positions, grid_ids, rms_norm, timestep_embedding
 from .refiner import TokenRefiner
 
 LN_EPS = 1e-6
@@ -61,9 +61,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.scale
+        return rms_norm(x, self.scale, self.eps)
 
 
 class QKNorm(nn.Module):

@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import attention_segments
 from .config import VisionParams
+from .math import rms_norm
 
 NUM_INDICATOR_TOKENS = 4  # vte rows V-4..V-1 are reserved for the image indicators (SPEC §B.5/§B.6)
 
@@ -153,9 +154,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class PatchEmbed(nn.Module):
