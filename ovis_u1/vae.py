@@ -31,7 +31,6 @@ from .config import VAEParams
 
 __all__ = [
     "AutoencoderKL",
-    "rename_legacy_vae_keys",
     "legacy_vae_key",
     "latent_to_vae",
     "vae_to_latent",
@@ -98,15 +97,6 @@ class AttentionBlock(nn.Module):
             out = attention(q, k, v)
         out = self.to_out[0](out[:, 0])
         return out.transpose(1, 2).reshape(b, c, h, w) + x
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Accept checkpoints written by old diffusers versions (query/key/value/proj_attn, possibly 1×1 convs).
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            new = legacy_vae_key(key)
-            if new != key or state_dict[key].dim() == 4:
-                value = state_dict.pop(key)
-                state_dict[new] = _squeeze_conv1x1(new, value)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class MidBlock(nn.Module):
@@ -286,38 +276,18 @@ class AutoencoderKL(nn.Module):
 # --- state-dict compatibility --------------------------------------------------------------------------------------
 
 _LEGACY_RE = re.compile(r"^(?P<pre>(?:.*\.)?mid_block\.attentions\.\d+\.)(?P<name>query|key|value|proj_attn)\.(?P<p>weight|bias)$")
-_ATTN_LINEAR_RE = re.compile(r"(?:^|\.)mid_block\.attentions\.\d+\.(?:to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
 def legacy_vae_key(key: str) -> str:
-    """The current diffusers name of a VAE key written by an old diffusers (query/key/value/proj_attn)."""
+    """The current diffusers name of a VAE key written by an old diffusers (query/key/value/proj_attn).
+
+    The checkpoint loader applies it to every stored key; such old checkpoints may also hold these weights as 1×1
+    convolutions [C, C, 1, 1], which the loader reshapes to the Linear's [C, C].
+    """
     m = _LEGACY_RE.match(key)
     if m is None:
         return key
     return f"{m['pre']}{AttentionBlock._LEGACY[m['name']]}.{m['p']}"
-
-
-def _squeeze_conv1x1(key: str, value: torch.Tensor) -> torch.Tensor:
-    if value.dim() == 4 and _ATTN_LINEAR_RE.search(key):
-        if tuple(value.shape[2:]) != (1, 1):
-            raise ValueError(f"{key}: expected a [C, C] or [C, C, 1, 1] weight, got {tuple(value.shape)}")
-        return value[:, :, 0, 0]
-    return value
-
-
-def rename_legacy_vae_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map old diffusers attention names (query/key/value/proj_attn) to to_q/to_k/to_v/to_out.0.
-
-    Works with or without a prefix (``visual_generator.vae.``); 1×1-conv shaped weights [C, C, 1, 1] are reshaped to
-    [C, C]. Other keys pass through unchanged. Returns a new dict (insertion order kept).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new = legacy_vae_key(key)
-        if new in out:
-            raise ValueError(f"state dict holds both {new!r} and its legacy name")
-        out[new] = _squeeze_conv1x1(new, value)
-    return out
 
 
 # --- latent scaling and image conversion ---------------------------------------------------------------------------

@@ -167,6 +167,28 @@ def test_bad_keys_are_named(tmp_path, edit, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("conv_shaped", [False, True])
+def test_legacy_vae_attention_names_load_the_same_weights(tmp_path, model, conv_shaped):
+    """Old diffusers wrote the VAE attention as query/key/value/proj_attn, possibly as 1×1 convolutions."""
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+    def to_legacy(state):
+        for key in [k for k in state if ".mid_block.attentions.0." in k]:
+            new = next((n for n in legacy if f".attentions.0.{n}." in key), None)
+            if new is not None:
+                value = state.pop(key)
+                if conv_shaped and value.dim() == 2:
+                    value = value[:, :, None, None]
+                state[key.replace(f".attentions.0.{new}.", f".attentions.0.{legacy[new]}.")] = value
+
+    target = _copy_checkpoint(tmp_path, to_legacy)
+    assert any(".attentions.0.query." in k for k in load_file(str(target / "model.safetensors")))
+    loaded = ovis_u1.load_model(target, device="cpu", dtype=torch.float32)
+    reference = model.vae.state_dict()
+    for key, value in loaded.vae.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
 def test_truncated_weights_are_reported(tmp_path):
     target = _copy_checkpoint(tmp_path)
     path = target / "model.safetensors"

@@ -11,7 +11,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 
 from ovis_u1.config import load_params, params_from_dicts
-from ovis_u1.vae import AutoencoderKL, latent_to_vae, rename_legacy_vae_keys, to_uint8_image, vae_to_latent
+from ovis_u1.vae import AutoencoderKL, latent_to_vae, to_uint8_image, vae_to_latent
 from tests.golden import CHECKPOINT, GOLDEN, assert_golden, requires_golden, tensors
 
 PREFIX = "visual_generator.vae."
@@ -125,34 +125,6 @@ def test_latent_scaling_with_shift():
     z = torch.randn(1, 4, 2, 2)
     assert torch.allclose(vae_to_latent(z, p), (z - 0.25) * 0.5)
     assert torch.allclose(latent_to_vae(vae_to_latent(z, p), p), z)
-
-
-@requires_golden
-@pytest.mark.parametrize("conv_shaped", [False, True])
-def test_legacy_attention_keys(conv_shaped):
-    legacy_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    legacy = {}
-    for k, v in _vae_state_dict().items():
-        for new, old in legacy_names.items():
-            marker = f"mid_block.attentions.0.{new}."
-            if marker in k:
-                k = k.replace(marker, f"mid_block.attentions.0.{old}.")
-                if conv_shaped and v.dim() == 2:
-                    v = v[:, :, None, None]
-                break
-        legacy[k] = v
-    assert any(".query." in k for k in legacy)
-    renamed = rename_legacy_vae_keys(legacy)
-    assert set(renamed) == set(_vae_state_dict())
-    with_prefix = rename_legacy_vae_keys({PREFIX + k: v for k, v in legacy.items()})
-    assert set(with_prefix) == {PREFIX + k for k in _vae_state_dict()}
-
-    reference = _vae().state_dict()
-    for source in (renamed, legacy):  # legacy names also load directly through load_state_dict
-        vae = AutoencoderKL(load_params(CHECKPOINT).vae)
-        vae.load_state_dict(source, strict=True)
-        for k, v in vae.state_dict().items():
-            assert torch.equal(v, reference[k]), k
 
 
 @requires_golden
