@@ -197,7 +197,6 @@ class Prepared:
     pe: Tensor  # RoPE table of [text, noise, context] [1, 1, L+N(+N), head_dim/2, 2, 2], fp32
     pe_img: Tensor  # RoPE table of the image tokens only [1, 1, N(+N), head_dim/2, 2, 2], fp32
     context: Tensor | None  # img_in(context tokens) [B, N_ctx, hidden], or None
-    num_tokens: int  # N, noise tokens
     height: int
     width: int
 
@@ -215,7 +214,7 @@ class Prepared:
 
     def batch_key(self) -> tuple:
         """Branches with equal keys share their RoPE tables and can run as one batched forward."""
-        return (self.txt_len, self.context is not None, self.context_len, self.num_tokens, self.height, self.width)
+        return (self.txt_len, self.context_len, self.height, self.width)
 
     @staticmethod
     def cat(items: list[Prepared]) -> Prepared:
@@ -231,7 +230,6 @@ class Prepared:
             pe=first.pe,
             pe_img=first.pe_img,
             context=None if first.context is None else torch.cat([p.context for p in items]),
-            num_tokens=first.num_tokens,
             height=first.height,
             width=first.width,
         )
@@ -289,7 +287,6 @@ class MMDiT(nn.Module):
             pe=pe,
             pe_img=pe[:, :, tokens.shape[1] :],
             context=projected,
-            num_tokens=num_tokens,
             height=height,
             width=width,
         )

@@ -13,7 +13,6 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .math import grid_ids
 from .mmdit import MMDiT, Prepared
 
 # ---- schedule and noise -------------------------------------------------------------------------------------
@@ -62,16 +61,6 @@ def unpack_latents(tokens: Tensor, height: int, width: int, channels: int = 4) -
     if tokens.shape[1:] != (h * w, channels * 4):
         raise ValueError(f"tokens {tuple(tokens.shape)} do not fit a {height}x{width} image of {channels} channels")
     return tokens.reshape(b, h, w, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, 2 * h, 2 * w)
-
-
-def latent_ids(height: int, width: int, axis0: float = 0.0) -> Tensor:
-    """RoPE position ids [1, N, 3] (fp32) of the packed tokens: [axis0, row, col]; axis0 = 0 noise, 1 context."""
-    return grid_ids(math.ceil(height / 16), math.ceil(width / 16), axis0)
-
-
-def context_tokens(mean: Tensor, std: Tensor, eps: Tensor, scaling_factor: float) -> Tensor:
-    """Packed context latent of an EDIT input: the VAE posterior sample mean + std·ε, scaled (no shift)."""
-    return pack_latents((mean + std * eps) * scaling_factor)
 
 
 # ---- classifier-free guidance -------------------------------------------------------------------------------

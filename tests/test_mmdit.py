@@ -10,17 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from ovis_u1.config import load_params, params_from_dicts
-from ovis_u1.math import apply_rope, embed_positions, timestep_embedding
+from ovis_u1.math import apply_rope, embed_positions, grid_ids, timestep_embedding
 from ovis_u1.mmdit import MMDiT, Prepared
 from ovis_u1.refiner import REFINER_DEPTH
 from ovis_u1.sampling import (
-    context_tokens,
     denoise,
     flow_schedule,
     guide_edit,
     guide_t2i,
     initial_noise,
-    latent_ids,
     pack_latents,
     unpack_latents,
 )
@@ -115,8 +113,8 @@ def test_t2i_schedule_noise_ids_unpack():
     noise = initial_noise(p["seed"], h, w)
     assert noise.dtype == torch.bfloat16 and torch.equal(noise, g["noise_bf16"])
     assert torch.equal(noise.float(), g["noise"])
-    assert torch.equal(latent_ids(h, w, 0), g["img_ids"])
-    assert torch.equal(latent_ids(h, w, 1), g["context.ids"])
+    assert torch.equal(grid_ids(h // 16, w // 16, 0), g["img_ids"])
+    assert torch.equal(grid_ids(h // 16, w // 16, 1), g["context.ids"])
     tokens = g["final_latent_tokens"]
     assert_golden(unpack_latents(tokens, h, w).float() / SCALING_FACTOR, g["vae_dec_input"], "vae_dec_input")
     assert torch.equal(pack_latents(unpack_latents(tokens, h, w)), tokens)
@@ -145,10 +143,8 @@ def test_edit_context_packing():
     sample = g["context.latent_mean"] + g["context.latent_std"] * g["context.sample_eps"]
     packed = pack_latents(sample * SCALING_FACTOR)
     assert_golden(packed, g["context.tokens"], "context.tokens")
-    helper = context_tokens(g["context.latent_mean"], g["context.latent_std"], g["context.sample_eps"], SCALING_FACTOR)
-    assert torch.equal(helper, packed)
-    assert torch.equal(latent_ids(h, w, 1), g["context.ids"])
-    assert torch.equal(latent_ids(h, w, 0), g["img_ids"])
+    assert torch.equal(grid_ids(h // 16, w // 16, 1), g["context.ids"])
+    assert torch.equal(grid_ids(h // 16, w // 16, 0), g["img_ids"])
     noise = initial_noise(case_params("edit")["seed"], h, w)
     assert torch.equal(noise, g["noise_bf16"])
 
