@@ -161,13 +161,12 @@ def process_image_aspectratio(img: Image.Image, width: int, height: int) -> Imag
     return _center_crop(img, height, width)
 
 
-def condition_image(img: Image.Image, width: int, height: int, params: PreprocessParams | None = None) -> Image.Image:
+def condition_image(img: Image.Image, width: int, height: int, params: PreprocessParams) -> Image.Image:
     """The image handed to the visual tokenizer in a T2I/EDIT conditioning branch, before §B.3 (SPEC §C.1):
     fit to width×height (§C.8), then bicubic-resize to smart_resize(H, W, 28, 3136, max=processor.min_pixels).
 
-    ``params`` should be the checkpoint's preprocessor settings; without it the default ``min_pixels`` (448²) is used.
+    ``params`` are the checkpoint's preprocessor settings (its ``min_pixels`` bounds this image).
     """
-    params = params or PreprocessParams()
     if img.mode != "RGB":
         img = img.convert("RGB")
     img = process_image_aspectratio(img, width, height)
