@@ -1,8 +1,8 @@
 """The only module of the pack that touches ComfyUI internals.
 
-Every use is optional: without ComfyUI (CI, a plain Python shell) model folders come from ``$OVIS_U1_MODELS_DIR``
-and ``<cwd>/models/ovis_u1``, everything runs on the CPU in fp32, there is no progress bar, no preview and no
-interruption. Inside ComfyUI the three parts of a loaded model (LLM + visual encoder, MMDiT, VAE) are wrapped in
+Every use is optional: without ComfyUI (CI, a plain Python shell) model folders come from
+``ovis_u1.checkpoint.default_model_roots`` ($OVIS_U1_MODELS_DIR, ./models/ovis_u1, the surrounding ComfyUI's),
+everything runs on the CPU in fp32, and there is no progress bar, no preview and no interruption. Inside ComfyUI the three parts of a loaded model (LLM + visual encoder, MMDiT, VAE) are wrapped in
 ModelPatchers, so ComfyUI's model management moves them to the GPU when a node needs them and offloads or frees
 them when another model needs the memory (or after an out-of-memory error).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ovis_u1 import find_model_dirs
+from ovis_u1.checkpoint import default_model_roots, find_model_dirs
 
 try:  # ComfyUI's own modules; absent outside ComfyUI
     import comfy.model_management as mm
@@ -27,7 +27,6 @@ except ImportError:
     mm = None
 
 MODEL_FOLDER = "ovis_u1"
-ENV_MODELS_DIR = "OVIS_U1_MODELS_DIR"
 IN_COMFYUI = mm is not None
 
 log = logging.getLogger("ComfyUI-Ovis-U1")
@@ -44,8 +43,7 @@ def model_roots() -> list[Path]:
     """The folders searched for Ovis-U1 checkpoint folders, in priority order."""
     if IN_COMFYUI:
         return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
-    roots = [Path(p) for p in os.environ.get(ENV_MODELS_DIR, "").split(os.pathsep) if p]
-    return roots + [Path.cwd() / "models" / MODEL_FOLDER]
+    return default_model_roots()
 
 
 def list_models() -> list[str]:

@@ -14,31 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-
-
-def model_roots() -> list[Path]:
-    roots = []
-    if os.environ.get("OVIS_U1_MODELS_DIR"):
-        roots.append(Path(os.environ["OVIS_U1_MODELS_DIR"]))
-    roots.append(Path.cwd() / "models" / "ovis_u1")
-    roots.append(PACK_ROOT.parent.parent / "models" / "ovis_u1")  # ComfyUI/custom_nodes/<pack>/ → ComfyUI/models
-    return roots
+from .checkpoint import default_model_roots, find_model_dirs
 
 
 def resolve_model(explicit: str | None) -> Path | None:
-    from .checkpoint import find_model_dirs
-
     if explicit:
         return Path(explicit)
     if os.environ.get("OVIS_U1_MODEL"):
         return Path(os.environ["OVIS_U1_MODEL"])
-    found = find_model_dirs(model_roots())
+    found = find_model_dirs(default_model_roots())
     return found[0] if found else None
 
 
 def no_model_message(hint_demo: bool = True) -> str:
-    where = "\n  ".join(str(r) for r in model_roots())
+    where = "\n  ".join(str(r) for r in default_model_roots())
     hint = " (`python -m ovis_u1 demo` runs a smoke test without it.)" if hint_demo else ""
     return (
         "no Ovis-U1 model found. Looked in:\n  " + where + "\n"

@@ -8,6 +8,7 @@ straight to the target dtype and device, so the whole model never exists twice i
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,6 +179,19 @@ def load_weights(
         raise CheckpointError(f"weights not assigned: {_names(leftover + list(result.unexpected_keys))}")
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+MODELS_DIR_ENV = "OVIS_U1_MODELS_DIR"  # extra roots, separated like PATH
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_model_roots() -> list[Path]:
+    """Where Ovis-U1 folders are looked for outside ComfyUI's folder_paths: ``$OVIS_U1_MODELS_DIR`` (os.pathsep
+    separated), ``./models/ovis_u1``, and the ``models/ovis_u1`` of the ComfyUI this pack is installed in
+    (``ComfyUI/custom_nodes/<pack>/``)."""
+    roots = [Path(p) for p in os.environ.get(MODELS_DIR_ENV, "").split(os.pathsep) if p]
+    roots += [Path.cwd() / "models" / "ovis_u1", PACK_ROOT.parent.parent / "models" / "ovis_u1"]
+    return list(dict.fromkeys(roots))
 
 
 def find_model_dirs(roots: list[str | Path]) -> list[Path]:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ovis_u1 import CheckpointError, OvisU1InputError
+from ovis_u1.checkpoint import MODELS_DIR_ENV
 from tests.pack import PACK_NAME, ROOT, import_pack
 from tests.golden import CHECKPOINT, TINY_A, assert_golden, case_params, requires_golden, tensors
 
@@ -138,7 +139,7 @@ def models_dir(tmp_path_factory):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) * 2 // 3])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(bridge.ENV_MODELS_DIR, str(root))
+        mp.setenv(MODELS_DIR_ENV, str(root))
         yield root
 
 
