@@ -81,18 +81,22 @@ class EditContext:
 
 
 def check_size(width: int, height: int, what: str = "width/height") -> None:
+    """Sizes must lie on the 16-pixel token grid (the official code silently floors; we say so instead)."""
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or v % SIZE_MULTIPLE or not MIN_SIZE <= v <= MAX_SIZE:
+            nearest = round(v / SIZE_MULTIPLE) * SIZE_MULTIPLE if isinstance(v, (int, float)) else 1024
             raise OvisU1InputError(
                 f"{name} {v!r} is not usable: {what} must be a multiple of {SIZE_MULTIPLE} between "
-                f"{MIN_SIZE} and {MAX_SIZE}; pick e.g. {max(MIN_SIZE, min(MAX_SIZE, int(v) // 16 * 16 or 16))}"
+                f"{MIN_SIZE} and {MAX_SIZE}; pick e.g. {min(MAX_SIZE, max(MIN_SIZE, nearest))}"
             )
 
 
 def check_cfg(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 <= value <= MAX_CFG) or value != value:
-        raise OvisU1InputError(f"{name} {value!r} is out of range: use a value between 0 and {MAX_CFG:g} (official default: "
-                               f"{'txt_cfg 5 for text-to-image, 6 for edit' if name == 'txt_cfg' else 'img_cfg 1.5'})")
+        official = "5 for text-to-image, 6 for edit" if name == "txt_cfg" else "1.5"
+        raise OvisU1InputError(
+            f"{name} {value!r} is out of range: use a value between 0 and {MAX_CFG:g} (official default: {official})"
+        )
 
 
 def check_prompt(prompt: str, name: str = "prompt") -> str:
@@ -311,7 +315,6 @@ class OvisU1(nn.Module):
             check_cfg("img_cfg", img_cfg)
         if not isinstance(steps, int) or steps < 1:
             raise OvisU1InputError(f"steps {steps!r} must be a whole number of at least 1")
-        height, width = height // 16 * 16, width // 16 * 16  # SPEC §C.3
 
         mmdit = self.mmdit
         device, dtype = _device_of(mmdit), _dtype_of(mmdit)
