@@ -80,31 +80,31 @@ def _open(path: Path):
 
 
 def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """key → (shape, file), from the safetensors headers only (no tensor data is read)."""
+    """key → (shape, file), from the safetensors headers only (no tensor data is read).
+
+    The header's data offsets also reveal a file cut short, which safetensors itself would only notice when the
+    missing tensor is read.
+    """
     shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
     for path in files:
         size = path.stat().st_size
-        with _open(path) as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shapes[key] = (tuple(sl.get_shape()), path)
-        _check_not_truncated(path, size)
-    return shapes
-
-
-def _check_not_truncated(path: Path, size: int) -> None:
-    """safetensors opens a file whose data section is cut short; detect that from the header's offsets."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
         try:
-            header = json.loads(fh.read(header_len))
-        except ValueError as e:
-            raise CheckpointError(f"{path} has a corrupt header ({e}); download it again") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + header_len + end:
-        raise CheckpointError(
-            f"{path} is truncated: {size} bytes on disk, {8 + header_len + end} expected; download it again"
-        )
+            with open(path, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                if not 0 < header_len <= size - 8:
+                    raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
+                header = json.loads(fh.read(header_len))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"cannot read {path} ({e}); the file is truncated or corrupt — download it again") from e
+        if size < 8 + header_len + end:
+            raise CheckpointError(
+                f"{path} is truncated: {size} bytes on disk, {8 + header_len + end} expected; download it again"
+            )
+        for key, info in tensors.items():
+            shapes[key] = (tuple(info["shape"]), path)
+    return shapes
 
 
 def validate_keys(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], Path]]) -> None:
