@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ovis_u1.__main__ import main
-from tests.golden import CHECKPOINT, case_params, requires_golden, tensors
+from tests.golden import CHECKPOINT, assert_golden_image, case_params, requires_golden, tensors
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_t2i_writes_the_golden_image_and_never_overwrites(no_models):
     assert main(args) == 0
     assert (no_models / "out" / "cat.png").read_bytes() == b"the user's file"
     written = np.asarray(Image.open(no_models / "out" / "cat_00001.png"))
-    assert np.array_equal(written, tensors("t2i")["output_image_uint8"].numpy())
+    assert_golden_image(written, tensors("t2i")["output_image_uint8"])
 
 
 @requires_golden

@@ -18,7 +18,7 @@ from ovis_u1.checkpoint import CheckpointError
 from ovis_u1.config import params_from_dicts
 from ovis_u1.model import OvisU1
 from ovis_u1.sampling import initial_noise
-from tests.golden import CHECKPOINT, GOLDEN, TINY_A, assert_golden, case_params, requires_golden, tensors
+from tests.golden import CHECKPOINT, GOLDEN, TINY_A, assert_golden, assert_golden_image, case_params, requires_golden, tensors
 
 pytestmark = requires_golden
 
@@ -92,14 +92,14 @@ def test_text_to_image_reproduces_golden_image_exactly(model):
     p = case_params("t2i")
     image = model.text_to_image(p["prompt"], p["width"], p["height"], steps=p["steps"], txt_cfg=p["txt_cfg"],
                                 seed=p["seed"])
-    assert np.array_equal(np.asarray(image), tensors("t2i")["output_image_uint8"].numpy())
+    assert_golden_image(image, tensors("t2i")["output_image_uint8"])
 
 
 def test_edit_reproduces_golden_image_exactly(model):
     p = case_params("edit")
     image = model.edit(edit_input(), p["prompt"], steps=p["steps"], img_cfg=p["img_cfg"], txt_cfg=p["txt_cfg"],
                        seed=p["seed"], context_seed=p["vae_sample_seed"])
-    assert np.array_equal(np.asarray(image), tensors("edit")["output_image_uint8"].numpy())
+    assert_golden_image(image, tensors("edit")["output_image_uint8"])
 
 
 def test_sample_steps_match_golden_latents(model):

@@ -19,7 +19,7 @@ from PIL import Image
 from ovis_u1 import CheckpointError, OvisU1InputError
 from ovis_u1.checkpoint import MODELS_DIR_ENV
 from tests.pack import PACK_NAME, ROOT, import_pack
-from tests.golden import CHECKPOINT, TINY_A, assert_golden, case_params, requires_golden, tensors
+from tests.golden import CHECKPOINT, TINY_A, assert_golden, assert_golden_image, case_params, requires_golden, tensors
 
 CORE_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "CLIP_VISION", "CONTROL_NET", "LATENT", "IMAGE", "MASK", "STRING",
               "INT", "FLOAT", "BOOLEAN", "NOISE", "SAMPLER", "SIGMAS", "GUIDER"}
@@ -234,7 +234,7 @@ def test_text_to_image_reproduces_the_golden(model):
     assert_golden(latent["samples"], tensors("t2i")["vae_dec_input"], "t2i latent")
     assert image.shape == (1, 64, 64, 3) and image.dtype == torch.float32 and image.device.type == "cpu"
     assert 0 <= image.min() and image.max() <= 1
-    assert torch.equal(save_uint8(image), tensors("t2i")["output_image_uint8"])
+    assert_golden_image(save_uint8(image), tensors("t2i")["output_image_uint8"])
 
 
 @pytest.mark.parametrize("encode_image", ["resized", "original"])
@@ -245,7 +245,7 @@ def test_edit_reproduces_the_golden(model, encode_image):
     assert (context.width, context.height) == (96, 64)
     assert_golden(context.tokens, g["context.tokens"], "context tokens")
     assert latent["samples"].shape == (1, 4, 8, 12)
-    assert torch.equal(save_uint8(image), g["output_image_uint8"])
+    assert_golden_image(save_uint8(image), g["output_image_uint8"])
 
 
 def test_edit_context_encoder_returns_the_resized_image(model):
@@ -288,7 +288,7 @@ def test_understand_sampling_is_seeded(model):
 def test_vae_nodes(model):
     g = tensors("t2i")
     (image,) = run("OvisU1VAEDecode", model=model, samples={"samples": g["vae_dec_input"]})
-    assert torch.equal(save_uint8(image), g["output_image_uint8"])
+    assert_golden_image(save_uint8(image), g["output_image_uint8"])
     context, resized = edit_inputs(model)
     (latent,) = run("OvisU1VAEEncode", model=model, image=resized)
     assert latent["samples"].shape == (1, 4, 8, 12)
@@ -435,7 +435,7 @@ def test_interrupt_in_the_middle_of_sampling(model, monkeypatch):
     assert len(steps) == 2
     monkeypatch.undo()
     *_, image = t2i(model)
-    assert torch.equal(save_uint8(image), tensors("t2i")["output_image_uint8"])
+    assert_golden_image(save_uint8(image), tensors("t2i")["output_image_uint8"])
 
 
 def test_outputs_are_plain_data(model):
