@@ -21,7 +21,7 @@ from . import prompts
 from .attention import set_attention_backend
 from .checkpoint import check_directory, load_weights
 from .config import OvisU1Params, load_params
-from .llm import build_llm, condition_states, finish_llm, generate, qwen3_config, set_attention
+from .llm import build_llm, condition_states, generate
 from .mmdit import MMDiT
 from .preprocess import (
     condition_image,
@@ -121,11 +121,11 @@ class VisualGenerator(nn.Module):
 
 
 class OvisU1(nn.Module):
-    def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto"):
+    def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto", operations=nn):
         super().__init__()
         self.params = params
         self.tokenizer = tokenizer
-        self.llm = build_llm(qwen3_config(params.llm_config, attention))
+        self.llm = build_llm(params.llm_config, attention, operations)
         self.visual_tokenizer = VisualTokenizer(params.vision)
         self.vte = nn.Embedding(params.vision.vocab_size, params.hidden_size)
         self.visual_generator = VisualGenerator(params)
@@ -141,7 +141,6 @@ class OvisU1(nn.Module):
 
     def set_attention(self, attention: str) -> None:
         set_attention_backend(attention)
-        set_attention(self.llm, attention)
 
     # ------------------------------------------------------------------------------------ multimodal input
     def _visual_embeds(self, images: list[Image.Image], num_images: int = 1) -> list[torch.Tensor]:
@@ -406,7 +405,6 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None, 
         return torch.float32 if key.startswith("visual_generator.vae.") else dtype
 
     load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
-    finish_llm(model.llm, device)
     model.eval()
     model.source = str(directory)
     return model
