@@ -2,6 +2,8 @@
 
 Pure functions over PIL images and tensors; no model state. The numerics follow the official pipeline step by step:
 
+* every bicubic resize is ``resample.resize`` — Pillow 10.3.0's (the official pin) uint8 output computed by the pack,
+  so the pixels do not depend on the installed Pillow (issue 11);
 * the visual tokenizer input (§B.3) is what transformers' ``CLIPImageProcessor`` produces — PIL bicubic resize of the
   uint8 image, ``float32(uint8 * (1/255 as float64))``, ``(x - mean) / std`` in float32 — patchified into 2×2 merge
   groups;
@@ -19,9 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import resample
 from .config import PreprocessParams
-
-BICUBIC = Image.Resampling.BICUBIC
 
 # §C.1: the conditioning image is shrunk with these bounds before §B.3 (max is the processor's min_pixels).
 CONDITION_FACTOR = 28
@@ -32,42 +33,93 @@ EDIT_MIN_PIXELS = 56 * 56
 EDIT_MAX_PIXELS = 14 * 14 * 4 * 1280
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any image Pillow opens → 8-bit RGB, the first step of every entry point (SPEC §B.3 step 1, §C.1, §C.3).
+
+    The official code calls ``img.convert("RGB")``. That is kept wherever it is meaningful — every 8-bit mode
+    ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", …), so official inputs keep official pixels; alpha
+    ("LA", "PA", "RGBA", "P" with transparency) is dropped as the official code drops it, not composited. It is
+    replaced where Pillow clips instead of scaling:
+
+    * 16-bit modes ("I;16", "I;16B", …) map their full range 0..65535 to 0..255 (``round(v / 257)``, so 8-bit data
+      stored as 16-bit comes back exactly) — Pillow's conversion would turn a 16-bit photo almost white;
+    * 32-bit integer "I" (what 16-bit PNG/TIFF files decode to in several Pillow versions): values within 0..65535
+      are taken as 16-bit data as above; otherwise the range 0..2**31−1 is scaled to 0..255 (negatives clip to 0);
+    * float "F": values all within [0, 1] are taken as normalised (× 255), otherwise as 0..255 levels (clipped);
+      NaN or infinity is an error;
+    * premultiplied "La" (which Pillow cannot convert to RGB) is un-premultiplied first, like "RGBa".
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), img.mode)).convert("RGB")
+    if img.mode == "La":
+        img = img.convert("LA")
+    return img.convert("RGB")
+
+
+def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """One band of a 16/32-bit integer or float image → uint8 levels (rules in ``to_rgb``)."""
+    if mode == "F":
+        values = values.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("image: a float ('F' mode) image contains NaN or infinite values; "
+                             "replace them (e.g. with numpy.nan_to_num) before passing the image")
+        levels = values * 255.0 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else values
+        return np.clip(np.rint(levels), 0, 255).astype(np.uint8)
+    values = values.astype(np.int64)
+    if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        return np.clip(np.rint(np.clip(values, 0, None) * (255.0 / (2 ** 31 - 1))), 0, 255).astype(np.uint8)
+    return ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
+
+
+def _to_multiple(value: float, factor: int, rounding) -> int:
+    """``value`` snapped to a multiple of ``factor``: ``rounding`` (round / floor / ceil) applied to value / factor."""
+    return int(rounding(value / factor)) * factor
+
+
+def _usable_shape(height: int, width: int, factor: int) -> tuple[int, int]:
+    """The two pre-adjustments of the Ovis/Qwen2-VL resize (SPEC §B.3 step 2), each with a warning: a side shorter
+    than ``factor`` brings the short side up to ``factor`` (the long side follows in proportion, rounded), else an
+    aspect ratio above 200 has its long side cut to 200 × the short side."""
+    short, long = sorted((height, width))
+    height_is_short = height < width
+    if short < factor:
+        warnings.warn(f"smart_resize: height {height} or width {width} is smaller than factor {factor}; "
+                      f"scaling the short side up to {factor}", stacklevel=3)
+        short, long = factor, round(factor / short * long)
+    elif long / short > 200:
+        warnings.warn(f"smart_resize: aspect ratio {long / short} is above 200; clamping it to 200", stacklevel=3)
+        long = 200 * short
+    else:
+        return height, width
+    return (short, long) if height_is_short else (long, short)
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
-    """Qwen2-VL ``smart_resize`` (SPEC §B.3 step 2): the (height, width) closest to the input, multiples of ``factor``,
-    with area in [min_pixels, max_pixels].
+    """(height, width) near the input, both multiples of ``factor``, area kept within [min_pixels, max_pixels]
+    (the Qwen2-VL rule Ovis-U1 uses, SPEC §B.3 step 2).
 
-    Python float (float64) arithmetic and Python's banker's ``round`` exactly as the official code, including its two
-    pre-adjustments: a side shorter than ``factor`` scales the short side up to ``factor`` (with a warning), and an
-    aspect ratio above 200 is clamped to 200.
+    Each side is first rounded to the nearest multiple (Python's half-to-even ``round``). If that area is too
+    large, both sides shrink by sqrt(area / max_pixels) and are floored to multiples; if too small, they grow by
+    sqrt(min_pixels / area) and are ceiled. Float64 arithmetic in the official order, so sizes that land exactly on
+    a multiple stay where the official code puts them.
     """
-    if height < factor or width < factor:
-        warnings.warn(f"smart_resize: height {height} or width {width} is smaller than factor {factor}; "
-                      f"scaling the short side up to {factor}", stacklevel=2)
-        if height < width:
-            width = round(factor / height * width)
-            height = factor
-        else:
-            height = round(factor / width * height)
-            width = factor
-    elif max(height, width) / min(height, width) > 200:
-        warnings.warn(f"smart_resize: aspect ratio {max(height, width) / min(height, width)} is above 200; "
-                      "clamping it to 200", stacklevel=2)
-        if height > width:
-            height = 200 * width
-        else:
-            width = 200 * height
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    height, width = _usable_shape(height, width, factor)
+    sides = (height, width)
+    snapped = tuple(_to_multiple(side, factor, round) for side in sides)
+    area = snapped[0] * snapped[1]
+    if area > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        snapped = tuple(_to_multiple(side / shrink, factor, math.floor) for side in sides)
+    elif area < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        snapped = tuple(_to_multiple(side * grow, factor, math.ceil) for side in sides)
+    return snapped
 
 
 def patchify(image_chw: np.ndarray | torch.Tensor, params: PreprocessParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +170,11 @@ def preprocess_image(img: Image.Image, params: PreprocessParams, min_pixels: int
     max_pixels = max_pixels or params.max_pixels
     max_pixels = max_pixels // num_images
     min_pixels = min(max_pixels, min_pixels)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)
     width, height = img.size
     new_h, new_w = smart_resize(height, width, factor=params.patch_size * params.hidden_stride,
                                 min_pixels=min_pixels, max_pixels=max_pixels)
-    resized = img.resize((new_w, new_h), resample=BICUBIC, reducing_gap=None)
+    resized = resample.resize(img, (new_w, new_h))  # CLIPImageProcessor: PIL bicubic, reducing_gap None
     return patchify(normalize_clip(resized, params), params)
 
 
@@ -157,7 +208,7 @@ def process_image_aspectratio(img: Image.Image, width: int, height: int) -> Imag
     r = max(float(width) / w, float(height) / h)
     new_h, new_w = int(r * h), int(r * w)
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample=BICUBIC)
+        img = resample.resize(img, (new_w, new_h))  # torchvision resize on PIL = PIL bicubic
     return _center_crop(img, height, width)
 
 
@@ -167,12 +218,11 @@ def condition_image(img: Image.Image, width: int, height: int, params: Preproces
 
     ``params`` are the checkpoint's preprocessor settings (its ``min_pixels`` bounds this image).
     """
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)
     img = process_image_aspectratio(img, width, height)
     new_h, new_w = smart_resize(height, width, factor=CONDITION_FACTOR, min_pixels=CONDITION_MIN_PIXELS,
                                 max_pixels=params.min_pixels)
-    return img.resize((new_w, new_h), resample=BICUBIC)
+    return resample.resize(img, (new_w, new_h))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -186,8 +236,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def vae_pixel_values(img: Image.Image, width: int, height: int) -> torch.Tensor:
     """The VAE input of a generation request: §C.8 fit to width×height → to_tensor → normalize(0.5, 0.5)
     → [1, 3, H, W] float32 in [-1, 1]."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)
     x = to_tensor(process_image_aspectratio(img, width, height))
     return x.sub(0.5).div(0.5)[None]
 
@@ -206,7 +255,6 @@ def edit_target_size(width: int, height: int) -> tuple[int, int]:
 
 def resize_for_edit(img: Image.Image) -> Image.Image:
     """The EDIT input image at the output size: RGB, bicubic-resized to ``edit_target_size`` (SPEC §C.3)."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = edit_target_size(*img.size)
-    return img.resize((w, h), resample=BICUBIC)
+    return resample.resize(img, (w, h))
