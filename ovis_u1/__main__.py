@@ -322,7 +322,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 any error (one ``error:`` line on stderr, no traceback), 130 interrupted (Ctrl-C; no
     partial file is left). ``OVIS_U1_DEBUG=1`` shows the traceback of an unexpected error."""
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed as one line) and --help
+        return e.code if isinstance(e.code, int) else 2
     from . import CheckpointError, OvisU1InputError
 
     try:
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return run_task(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: stopped before writing; no output file was written", file=sys.stderr)
+        print("\ninterrupted: no partial file was written (images finished before Ctrl-C are kept)", file=sys.stderr)
         return 130
     except (CheckpointError, OvisU1InputError, UsageError, FileNotFoundError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -67,7 +67,7 @@ def check_directory(directory: str | Path) -> Path:
     model_type = read_json(config).get("model_type")
     if model_type != "ovis_u1":
         raise CheckpointError(
-            f"{config} is not an Ovis-U1 config (model_type is {model_type!r}, must be 'ovis_u1'); choose an "
+            f"{config} is not an Ovis-U1 config (model_type must be 'ovis_u1', it is {model_type!r}); choose an "
             "Ovis-U1 checkpoint folder"
         )
     return directory

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import CheckpointError, read_json
+
 
 @dataclass(frozen=True)
 class VisionParams:
@@ -136,8 +138,6 @@ def _fullatt_indexes(value) -> tuple[int, ...] | None:
 
 def _section(raw: dict, *path: str) -> dict:
     """``raw[path[0]][path[1]]…`` as a dict; a missing or non-object section names itself."""
-    from .checkpoint import CheckpointError
-
     node = raw
     for i, key in enumerate(path):
         node = node.get(key) if isinstance(node, dict) else None
@@ -152,8 +152,6 @@ def _section(raw: dict, *path: str) -> dict:
 
 
 def params_from_dicts(config: dict, preprocessor: dict | None = None) -> OvisU1Params:
-    from .checkpoint import CheckpointError
-
     if config.get("model_type") != "ovis_u1":
         raise CheckpointError(f"config.json has model_type {config.get('model_type')!r}, expected 'ovis_u1'")
     try:
@@ -204,7 +202,6 @@ def _params(config: dict, preprocessor: dict | None) -> OvisU1Params:
 def check_preprocess(pre: PreprocessParams, vision: VisionParams) -> None:
     """preprocessor_config.json values that would fail late (a ZeroDivisionError in smart_resize) or silently
     feed the encoder patches of the wrong size."""
-    from .checkpoint import CheckpointError
 
     def bad(field: str, why: str):
         raise CheckpointError(f"preprocessor_config.json {field} is {getattr(pre, field)!r}: {why}; download the "
@@ -231,8 +228,6 @@ def check_preprocess(pre: PreprocessParams, vision: VisionParams) -> None:
 
 
 def load_params(directory: str | Path) -> OvisU1Params:
-    from .checkpoint import read_json
-
     directory = Path(directory)
     config = read_json(directory / "config.json")
     pre_path = directory / "preprocessor_config.json"

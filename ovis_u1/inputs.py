@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -78,7 +79,7 @@ def check_max_new_tokens(value, name: str = "max_new_tokens") -> int:
 
 
 def check_sampling(temperature, top_p) -> tuple[float, float]:
-    """Temperature > 0 and top_p in (0, 1], checked even for greedy decoding so a bad value is never silent."""
+    """Temperature > 0 and top_p in (0, 1] (for sampling; greedy decoding does not use them)."""
     temperature = as_float(temperature, "temperature", 0.0, None, low_open=True,
                            fix="use a value above 0 (1.0 samples from the model's distribution)")
     top_p = as_float(top_p, "top_p", 0.0, 1.0, low_open=True, fix="use a value in (0, 1] (1.0 disables it)")
@@ -210,7 +211,9 @@ def check_edit_image(image, name: str = "image") -> tuple[int, int]:
 
     width, height = image.size
     try:
-        edit_w, edit_h = edit_target_size(width, height)
+        with warnings.catch_warnings():  # smart_resize's note about tiny sides; the error below says it better
+            warnings.simplefilter("ignore")
+            edit_w, edit_h = edit_target_size(width, height)
     except (ValueError, ZeroDivisionError, OverflowError):
         edit_w, edit_h = 0, 0
     if not (MIN_SIZE <= edit_w <= MAX_SIZE and MIN_SIZE <= edit_h <= MAX_SIZE):

@@ -150,12 +150,12 @@ class OvisU1(nn.Module):
         return list(embeds.split(counts))
 
     def _merge(self, ids: list[int], visual: list[torch.Tensor], notes: list[str] | None = None,
-               what: str = "the prompt") -> torch.Tensor:
+               what: str = "the prompt", images_adjustable: bool = False) -> torch.Tensor:
         """Input embeddings [L, hidden] with the placeholders filled (SPEC §B.6), truncated to the last
         ``multimodal_max_length`` positions; what the truncation cuts is warned about (and appended to ``notes``),
         an image it would remove completely is an error (``what`` names the text input)."""
         found = check_truncation(ids, [len(v) for v in visual], prompts.IMAGE_ATOM_ID,
-                                 self.params.multimodal_max_length, what, self.tokenizer.decode)
+                                 self.params.multimodal_max_length, what, self.tokenizer.decode, images_adjustable)
         if notes is not None:
             notes.extend(n for n in found if n not in notes)
         embed_tokens = self.llm.get_input_embeddings()
@@ -195,7 +195,8 @@ class OvisU1(nn.Module):
     ) -> Understanding:
         check_prompt(question, "question")
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        temperature, top_p = check_sampling(temperature, top_p)
+        if do_sample:  # greedy decoding ignores them (the CLI passes temperature 0 for greedy)
+            temperature, top_p = check_sampling(temperature, top_p)
         seed = check_seed(seed)
         if isinstance(images, Image.Image):
             images = [images]
@@ -203,7 +204,7 @@ class OvisU1(nn.Module):
         ids = prompts.understanding_ids(self.tokenizer, question, len(images))
         visual = self._visual_embeds(images) if images else []
         notes: list[str] = []
-        embeds = self._merge(ids, visual, notes, "the question")
+        embeds = self._merge(ids, visual, notes, "the question", images_adjustable=True)
         token_ids = generate(
             self.llm, embeds, self.tokenizer.eos_token_id, max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, scores=scores,

@@ -46,25 +46,31 @@ def image_spans(ids: list[int], visual_counts: list[int], atom_id: int) -> tuple
 
 
 def check_truncation(ids: list[int], visual_counts: list[int], atom_id: int, max_length: int, what: str,
-                     decode: Callable[[list[int]], str]) -> list[str]:
+                     decode: Callable[[list[int]], str], images_adjustable: bool = True) -> list[str]:
     """The warnings for cutting ``ids`` (with images of ``visual_counts`` positions) to the last ``max_length``
     positions; raises OvisU1InputError when an image would be cut away completely. ``what`` names the input
-    ("the question", "the prompt")."""
+    ("the question", "the prompt"); ``images_adjustable`` is False where the user cannot change the image's token
+    count (generation conditions: the image is always resized to the processor's pixel budget)."""
     length, spans = image_spans(ids, visual_counts, atom_id)
     cut = length - max_length
     if cut <= 0:
         return []
     text_positions = length - sum(visual_counts)
     room = max_length - text_positions
-    fits = (f"about {max(room, 0) * PIXELS_PER_VISUAL_TOKEN:,} pixels of images fit next to this text"
-            if room > 0 else f"{what} alone is longer than that")
+    if images_adjustable:
+        fits = (f"about {max(room, 0) * PIXELS_PER_VISUAL_TOKEN:,} pixels of images fit next to this text"
+                if room > 0 else f"{what} alone is longer than that")
+        smaller = "use a smaller image"
+    else:
+        fits = f"it is {cut} tokens too long"
+        smaller = f"shorten {what}"
     limit = f"multimodal_max_length {max_length} (config.json)"
     for i, (span, count) in enumerate(zip(spans, visual_counts)):
         if span.end - 1 <= cut:  # every visual token (the end indicator included) is cut
             raise OvisU1InputError(
                 f"image {i + 1} would be cut away: {what} with its images takes {length} positions, more than the "
                 f"model's {limit}, and the official left-truncation would drop the image ({count} positions) "
-                f"entirely; shorten {what}, or use a smaller image ({fits})"
+                f"entirely; shorten {what}" + (f", or {smaller}" if images_adjustable else "") + f" ({fits})"
             )
     notes = []
     lost_images = [(i, min(cut, span.end) - span.start) for i, span in enumerate(spans) if span.start < cut]
@@ -73,13 +79,13 @@ def check_truncation(ids: list[int], visual_counts: list[int], atom_id: int, max
         notes.append(
             f"image {i + 1} loses its first {lost} of {visual_counts[i] + 2} positions (its top rows): {what} with "
             f"its images takes {length} positions, more than the model's {limit}, and the beginning is cut as in "
-            f"the official code; use a smaller image to keep all of it ({fits})"
+            f"the official code; {smaller} to keep all of it ({fits})"
         )
     if not lost_images or text_cut:
         notes.append(
             f"the beginning of the input was cut: {what} with its template and images takes {length} positions, more "
             f"than the model's {limit}; the first {cut} were dropped as in the official code (text lost: "
-            f"{text_cut!r}); shorten {what} or use smaller images ({fits})"
+            f"{text_cut!r}); shorten {what}" + (" or use smaller images" if images_adjustable else "") + f" ({fits})"
         )
     for note in notes:
         warnings.warn(note, OvisU1TruncationWarning, stacklevel=3)
