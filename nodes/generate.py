@@ -13,7 +13,7 @@ from ovis_u1.model import MAX_CFG, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 from ovis_u1.sampling import unpack_latents
 
 from . import comfy_bridge as bridge
-from .image import from_decoded, from_pil, to_pil, to_vae_pixels
+from .image import check_finite, from_decoded, from_pil, to_pil, to_vae_pixels
 from .loader import MODEL_TYPE
 
 CONDITION_TYPE = "OVIS_U1_CONDITION"
@@ -273,6 +273,7 @@ class OvisU1VAEDecode:
                 f"samples: expected an SDXL-VAE latent [B, {channels}, H/8, W/8], got {shape}; connect the output of "
                 "'Ovis-U1 MMDiT Sampler' or 'Ovis-U1 VAE Encode'"
             )
+        check_finite(latent, "samples")  # badinput: NaN/inf latents are an error naming the input
         ovis = model.use("vae", _vae_decode_memory(latent.shape, _vae_dtype(model.model)))
         progress = bridge.Progress(latent.shape[0])
         images = []

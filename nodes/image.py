@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 
 from ovis_u1 import OvisU1InputError
+from ovis_u1.inputs import check_finite, check_image_area
+from ovis_u1.model import MAX_ENCODE_PIXELS
 
 
 def _check(image, name: str) -> torch.Tensor:
@@ -18,13 +20,19 @@ def _check(image, name: str) -> torch.Tensor:
         raise OvisU1InputError(
             f"{name}: expected an IMAGE batch [B, H, W, C] with 1–4 channels, got shape {list(image.shape)}"
         )
-    return image
+    if not image.is_floating_point():
+        raise OvisU1InputError(f"{name}: expected a float IMAGE with values 0..1, got {image.dtype}; convert it "
+                               "(divide 8-bit values by 255)")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise OvisU1InputError(f"{name}: the image is empty ({image.shape[2]}×{image.shape[1]})")
+    return check_finite(image, name, "the node that made this image computed NaN/inf; fix or replace that node "
+                                      "(NaN is never treated as black here)")
 
 
 def to_pil_list(image: torch.Tensor, name: str = "image") -> list[Image.Image]:
     """Every image of a batch as an RGB PIL image: 0..1 → uint8 by rounding; alpha dropped, greyscale expanded."""
     image = _check(image, name)
-    pixels = torch.nan_to_num(image.detach().float().cpu()).clamp(0, 1).mul(255).round().to(torch.uint8)
+    pixels = image.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
     channels = pixels.shape[-1]
     if channels in (1, 2):  # greyscale (with alpha)
         pixels = pixels[..., :1].expand(*pixels.shape[:-1], 3)
@@ -61,6 +69,7 @@ def to_vae_pixels(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     """IMAGE → [B, 3, H, W] in −1..1 for the VAE encoder; RGB only, cropped to multiples of 8 around the centre
     (as ComfyUI's VAEEncode does)."""
     image = _check(image, name).float()
+    check_image_area(image.shape[2], image.shape[1], name, MAX_ENCODE_PIXELS)
     if image.shape[-1] in (1, 2):
         image = image[..., :1].expand(*image.shape[:-1], 3)
     image = image[..., :3]

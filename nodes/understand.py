@@ -73,4 +73,5 @@ class OvisU1Understand:
             top_p=top_p, seed=seed, on_token=lambda done, total: progress.update(done),
         )
         progress.finish()
-        return {"ui": {"text": [result.text]}, "result": (result.text,)}
+        notes = [f"⚠ {note}" for note in getattr(result, "warnings", [])]
+        return {"ui": {"text": [result.text, *notes]}, "result": (result.text,)}

@@ -14,6 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    """A command-line problem found before any model is loaded; printed as one ``error:`` line."""
+
 from .checkpoint import default_model_roots, find_model_dirs
 
 
@@ -47,11 +53,107 @@ def fresh_path(path: Path) -> Path:
     raise FileExistsError(f"no free file name next to {path}")
 
 
-def save_image(image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path = fresh_path(path)
-    image.save(path)
+def check_output_file(out: str, option: str = "--out") -> Path:
+    """An image file name whose folder exists or can be made and is writable — checked before the model loads."""
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        raise UsageError(f"{option} {out!r} is a folder; give a file name in it, e.g. {option} "
+                         f"{str(Path(out) / 'image.png')!r}")
+    path = Path(out)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UsageError(f"{option} {out!r} has no known image extension; end it with one of "
+                         f"{', '.join(IMAGE_EXTENSIONS)} (e.g. {str(path.with_suffix('.png'))!r})")
+    check_writable_folder(path.parent, option, out)
     return path
+
+
+def check_writable_folder(folder: Path, option: str, given: str) -> None:
+    """``folder`` (or the nearest existing folder above it, where the rest would be made) exists as a folder and is
+    writable."""
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {given!r}: {str(existing)!r} is a file, not a folder; choose another path")
+    import tempfile
+
+    try:  # a real write: permission bits say nothing for root, nor for read-only mounts
+        with tempfile.TemporaryFile(dir=existing, prefix=".ovis_u1_write_test"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {given!r}: cannot write in the folder {str(existing)!r} ({e.strerror or e}); "
+                         "choose a folder you can write to") from None
+
+
+def open_image(path: str, option: str = "image"):
+    """Open and decode an input image now, so a wrong path fails before the model is loaded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise UsageError(f"{option} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{option} {path!r} is a folder; give an image file") from None
+    except PermissionError:
+        raise UsageError(f"{option} {path!r} cannot be read: permission denied") from None
+    except UnidentifiedImageError:
+        raise UsageError(f"{option} {path!r} is not an image PIL can read (use PNG, JPEG, WebP …)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UsageError(f"{option} {path!r} cannot be decoded ({e}); the file is truncated or corrupt") from None
+
+
+def check_device(device: str | None) -> None:
+    """An unavailable ``--device`` is a clear error before loading (torch would raise deep inside the load)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device!r} is not a device name ({e}); use cpu, cuda, cuda:1, mps …") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device!r}: CUDA is not available in this PyTorch/machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist "
+                             f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device!r} is not supported here; use cpu, cuda or mps")
+
+
+def save_image(image, path: Path) -> Path:
+    """Write to a hidden temporary name and link it into place: an interrupted save leaves no partial file, and an
+    existing file is never overwritten (a name taken meanwhile moves on to the next free one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = _format_of(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        image.save(tmp, format=fmt)
+        while True:
+            final = fresh_path(path)
+            try:
+                os.link(tmp, final)
+                break
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links on this filesystem
+                os.replace(tmp, final)
+                break
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _format_of(path: Path) -> str:
+    from PIL import Image
+
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
 
 
 def step_printer(label: str):
@@ -79,6 +181,10 @@ def run_demo(args) -> int:
 
     from .smoke import build_smoke_model, is_smoke_model
 
+    check_writable_folder(Path(args.out), "--out", args.out)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; demo writes several images into a folder")
+    check_device(args.device)
     path = resolve_model(args.model)
     smoke = path is None
     if smoke:
@@ -115,6 +221,29 @@ def run_demo(args) -> int:
 def run_task(args) -> int:
     from PIL import Image
 
+    from . import inputs
+
+    # Everything that can be checked without the model is checked first: a typo costs seconds, not a load.
+    out = check_output_file(args.out) if args.command in ("t2i", "edit") else None
+    if args.command == "t2i":
+        inputs.check_prompt(args.prompt)
+        inputs.check_size(args.width, args.height)
+        inputs.check_steps(args.steps), inputs.check_cfg("txt_cfg", args.txt_cfg), inputs.check_seed(args.seed)
+    elif args.command == "edit":
+        inputs.check_prompt(args.instruction, "instruction")
+        source = open_image(args.image)
+        inputs.check_edit_image(source, f"image {args.image!r}")
+        inputs.check_steps(args.steps), inputs.check_seed(args.seed)
+        inputs.check_cfg("txt_cfg", args.txt_cfg), inputs.check_cfg("img_cfg", args.img_cfg)
+        if args.context_seed is not None:
+            inputs.check_seed(args.context_seed, "context_seed")
+    else:
+        inputs.check_prompt(args.question, "question")
+        images = [open_image(p) for p in args.images]
+        inputs.check_max_new_tokens(args.max_new_tokens), inputs.check_seed(args.seed)
+        if args.sample:
+            inputs.check_sampling(args.temperature, args.top_p)
+    check_device(args.device)
     path = resolve_model(args.model)
     if path is None:
         print("error: " + no_model_message(), file=sys.stderr)
@@ -123,14 +252,13 @@ def run_task(args) -> int:
     if args.command == "t2i":
         image = model.text_to_image(args.prompt, width=args.width, height=args.height, steps=args.steps,
                                     txt_cfg=args.txt_cfg, seed=args.seed, callback=step_printer("text-to-image"))
-        print(save_image(image, Path(args.out)))
+        print(save_image(image, out))
     elif args.command == "edit":
-        image = model.edit(Image.open(args.image), args.instruction, steps=args.steps, img_cfg=args.img_cfg,
+        image = model.edit(source, args.instruction, steps=args.steps, img_cfg=args.img_cfg,
                            txt_cfg=args.txt_cfg, seed=args.seed, context_seed=args.context_seed,
                            callback=step_printer("edit"))
-        print(save_image(image, Path(args.out)))
+        print(save_image(image, out))
     else:
-        images = [Image.open(p) for p in args.images]
         answer = model.understand(images, args.question, max_new_tokens=args.max_new_tokens,
                                   do_sample=args.temperature > 0 and args.sample, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed)
@@ -138,10 +266,16 @@ def run_task(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line (and exit code 2) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ovis_u1", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
+    p = _Parser(prog="python -m ovis_u1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = _Parser(add_help=False)
     common.add_argument("--model", help="Ovis-U1 checkpoint folder (default: $OVIS_U1_MODEL or models/ovis_u1/*)")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     common.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -186,7 +320,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Exit codes: 0 done, 2 any error (one ``error:`` line on stderr, no traceback), 130 interrupted (Ctrl-C; no
+    partial file is left). ``OVIS_U1_DEBUG=1`` shows the traceback of an unexpected error."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed as one line) and --help
+        return e.code if isinstance(e.code, int) else 2
     from . import CheckpointError, OvisU1InputError
 
     try:
@@ -198,9 +337,22 @@ def main(argv: list[str] | None = None) -> int:
             print(build_smoke_model(args.directory))
             return 0
         return run_task(args)
-    except (CheckpointError, OvisU1InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted: no partial file was written (images finished before Ctrl-C are kept)", file=sys.stderr)
+        return 130
+    except (CheckpointError, OvisU1InputError, UsageError, FileNotFoundError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # never a traceback for the user; the message still says what failed
+        if os.environ.get("OVIS_U1_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(e)} (unexpected; rerun with OVIS_U1_DEBUG=1 for details "
+              "and report it)", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")) if str(e) else type(e).__name__
 
 
 if __name__ == "__main__":

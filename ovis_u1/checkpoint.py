@@ -33,18 +33,43 @@ def is_ovis_u1_dir(directory: str | Path) -> bool:
         return False
 
 
+def read_json(path: Path, what: str = "") -> dict:
+    """A checkpoint JSON file as a dict; unreadable, invalid or non-object files are CheckpointErrors naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read {path}: permission denied; make the file readable (e.g. chmod a+r)") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); download it again") from e
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); download {what or path.name} again") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; download it again")
+    return data
+
+
 def check_directory(directory: str | Path) -> Path:
     directory = Path(directory)
+    if directory.is_file():
+        parent = f"; use its folder {str(directory.parent)!r}" if (directory.parent / "config.json").is_file() else ""
+        raise CheckpointError(
+            f"model path {str(directory)!r} is a file, but a checkpoint is a folder (config.json, weights, "
+            f"tokenizer files){parent}"
+        )
     if not directory.is_dir():
         raise CheckpointError(f"model folder {str(directory)!r} does not exist")
     config = directory / "config.json"
     if not config.is_file():
         raise CheckpointError(
-            f"model folder {str(directory)!r} has no config.json; put the complete AIDC-AI/Ovis-U1-3B download there"
+            f"model folder {str(directory)!r} has no config.json; put the complete ATH-MaaS/Ovis-U1-3B download there"
         )
-    if not is_ovis_u1_dir(directory):
+    model_type = read_json(config).get("model_type")
+    if model_type != "ovis_u1":
         raise CheckpointError(
-            f"{config} is not an Ovis-U1 config (model_type must be 'ovis_u1'); choose an Ovis-U1 checkpoint folder"
+            f"{config} is not an Ovis-U1 config (model_type must be 'ovis_u1', it is {model_type!r}); choose an "
+            "Ovis-U1 checkpoint folder"
         )
     return directory
 
@@ -54,10 +79,10 @@ def weight_files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     index = directory / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); download it again") from e
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map of file names); "
+                                  "download it again")
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
     elif (directory / SINGLE_FILE).is_file():
         files = [directory / SINGLE_FILE]
@@ -68,6 +93,8 @@ def weight_files(directory: str | Path) -> list[Path]:
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"weight shard {f.name} named by {INDEX_FILE} is missing from {str(directory)!r}")
+        if not os.access(f, os.R_OK):
+            raise CheckpointError(f"cannot read {f}: permission denied; make the file readable (e.g. chmod a+r)")
     return files
 
 
@@ -81,7 +108,11 @@ def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
     for path in files:
         size = path.stat().st_size
         try:
-            with open(path, "rb") as fh:
+            fh = open(path, "rb")
+        except PermissionError as e:
+            raise CheckpointError(f"cannot read {path}: permission denied; make the file readable (e.g. chmod a+r)") from e
+        try:
+            with fh:
                 header_len = int.from_bytes(fh.read(8), "little")
                 if not 0 < header_len <= size - 8:
                     raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
@@ -94,9 +125,45 @@ def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
             raise CheckpointError(
                 f"{path} is truncated: {size} bytes on disk, {8 + header_len + end} expected; download it again"
             )
+        not_float = sorted(f"{k} ({v.get('dtype')})" for k, v in tensors.items() if v.get("dtype") not in FLOAT_DTYPES)
+        if not_float:
+            raise CheckpointError(
+                f"{path} stores tensor(s) that are not floating point: {_names(not_float)}; Ovis-U1 weights are "
+                "F32/F16/BF16 — this file was converted or quantized wrongly; use an unmodified ATH-MaaS/Ovis-U1-3B "
+                "download"
+            )
         for key, info in tensors.items():
             shapes[key] = (tuple(info["shape"]), path)
     return shapes
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _all_finite(part: torch.Tensor) -> bool:
+    if part.element_size() == 1:  # fp8 storage: torch has no isfinite for it; bf16 holds every fp8 value
+        part = part.to(torch.bfloat16)
+    return bool(torch.isfinite(part).all())
+
+
+def check_finite_weights(module: torch.nn.Module, directory: str | Path, chunk: int = 2**24) -> None:
+    """NaN/inf in a weight (a corrupt download, or fp32 values beyond fp16's range after a cast) turns every output
+    into garbage without an error; look once at load time — one isfinite reduction per tensor, in chunks so no
+    full-size temporary is made."""
+    bad = []
+    for name, tensor in module.state_dict().items():
+        if not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        flat = tensor.reshape(-1)
+        if not all(_all_finite(part) for part in flat.split(chunk)):
+            bad.append(f"{name} ({tensor.dtype})")
+    if bad:
+        half = " If you loaded in fp16, the weights overflow it: load in bf16 or fp32." if any(
+            "float16" in b and "bfloat16" not in b for b in bad) else ""
+        raise CheckpointError(
+            f"the checkpoint in {str(directory)!r} has NaN or infinite values in {_names(bad)}; the weights are "
+            f"corrupt — download them again.{half}"
+        )
 
 
 def validate_keys(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], Path]]) -> None:
@@ -117,7 +184,7 @@ def validate_keys(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[
         raise CheckpointError(
             "the checkpoint does not match the Ovis-U1 architecture described by its config.json — "
             + "; ".join(problems)
-            + ". Use an unmodified AIDC-AI/Ovis-U1-3B download."
+            + ". Use an unmodified ATH-MaaS/Ovis-U1-3B download."
         )
 
 

@@ -6,9 +6,11 @@ embedding interpolation, timestep shift, pixel budgets and sequence limits all c
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .checkpoint import CheckpointError, read_json
 
 
 @dataclass(frozen=True)
@@ -134,27 +136,58 @@ def _fullatt_indexes(value) -> tuple[int, ...] | None:
     return tuple(int(v) for v in value)
 
 
+def _section(raw: dict, *path: str) -> dict:
+    """``raw[path[0]][path[1]]…`` as a dict; a missing or non-object section names itself."""
+    node = raw
+    for i, key in enumerate(path):
+        node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            where = ".".join(path[: i + 1])
+            state = "is missing" if node is None else f"is a {type(node).__name__}, not an object"
+            raise CheckpointError(
+                f"config.json section {where!r} {state}; the config is incomplete — download the checkpoint's "
+                "config.json again"
+            )
+    return node
+
+
 def params_from_dicts(config: dict, preprocessor: dict | None = None) -> OvisU1Params:
     if config.get("model_type") != "ovis_u1":
-        raise ValueError(f"config.json has model_type {config.get('model_type')!r}, expected 'ovis_u1'")
-    vt = config["visual_tokenizer_config"]
-    bb = dict(vt["backbone_config"])
+        raise CheckpointError(f"config.json has model_type {config.get('model_type')!r}, expected 'ovis_u1'")
+    try:
+        return _params(config, preprocessor)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a value of the wrong type deep in a section
+        raise CheckpointError(f"config.json holds a value Ovis-U1 cannot use ({type(e).__name__}: {e}); "
+                              "download the checkpoint's config.json again") from e
+
+
+def _params(config: dict, preprocessor: dict | None) -> OvisU1Params:
+    vt = _section(config, "visual_tokenizer_config")
+    bb = dict(_section(config, "visual_tokenizer_config", "backbone_config"))
     bb["fullatt_block_indexes"] = _fullatt_indexes(bb.get("fullatt_block_indexes"))
     vision = _pick(VisionParams, {**bb, **{k: vt[k] for k in ("vocab_size", "tokenize_function", "tau") if k in vt}},
                    num_layers="num_hidden_layers", num_heads="num_attention_heads")
     if vt.get("depths"):
         vision = VisionParams(**{**vision.__dict__, "num_layers": int(str(vt["depths"]).split("|")[0])})
     if vision.tokenize_function != "softmax":
-        raise ValueError(f"visual tokenize_function {vision.tokenize_function!r} is not supported (only 'softmax')")
-    vg = config["visual_generator_config"]
+        raise CheckpointError(f"visual tokenize_function {vision.tokenize_function!r} is not supported (only 'softmax')")
+    vg = _section(config, "visual_generator_config")
     mmdit = _pick(MMDiTParams, vg)
-    vae_raw = dict(vg["vae_config"])
+    vae_raw = dict(_section(config, "visual_generator_config", "vae_config"))
     vae = _pick(VAEParams, vae_raw)
     pre = _pick(PreprocessParams, preprocessor or {})
-    llm_config = dict(config["llm_config"])
+    check_preprocess(pre, vision)
+    llm_config = dict(_section(config, "llm_config"))
+    for key in ("hidden_size", "vocab_size"):
+        if not isinstance(llm_config.get(key), int) or llm_config[key] <= 0:
+            raise CheckpointError(f"config.json llm_config.{key} is {llm_config.get(key)!r}, not a positive whole "
+                                  "number; download the checkpoint's config.json again")
     hidden = int(config.get("hidden_size", llm_config["hidden_size"]))
     if hidden != int(llm_config["hidden_size"]):
-        raise ValueError(f"config.json hidden_size {hidden} differs from llm_config.hidden_size {llm_config['hidden_size']}")
+        raise CheckpointError(f"config.json hidden_size {hidden} differs from llm_config.hidden_size "
+                              f"{llm_config['hidden_size']}")
     return OvisU1Params(
         llm_config=llm_config,
         hidden_size=hidden,
@@ -166,9 +199,37 @@ def params_from_dicts(config: dict, preprocessor: dict | None = None) -> OvisU1P
     )
 
 
+def check_preprocess(pre: PreprocessParams, vision: VisionParams) -> None:
+    """preprocessor_config.json values that would fail late (a ZeroDivisionError in smart_resize) or silently
+    feed the encoder patches of the wrong size."""
+
+    def bad(field: str, why: str):
+        raise CheckpointError(f"preprocessor_config.json {field} is {getattr(pre, field)!r}: {why}; download the "
+                              "checkpoint's preprocessor_config.json again")
+
+    for name in ("patch_size", "hidden_stride", "temporal_patch_size", "min_pixels", "max_pixels"):
+        value = getattr(pre, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            bad(name, "it must be a positive whole number")
+    for name in ("patch_size", "hidden_stride", "temporal_patch_size"):
+        if getattr(pre, name) != getattr(vision, name):
+            bad(name, f"the vision encoder in config.json has {name} {getattr(vision, name)}")
+    if pre.min_pixels > pre.max_pixels:
+        bad("min_pixels", f"it exceeds max_pixels {pre.max_pixels}")
+    if not isinstance(pre.rescale_factor, (int, float)) or not 0 < pre.rescale_factor < 1:
+        bad("rescale_factor", "it must be a number between 0 and 1 (1/255 for uint8 images)")
+    for name in ("image_mean", "image_std"):
+        values = getattr(pre, name)
+        if not isinstance(values, tuple) or len(values) != 3 or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            bad(name, "it must be three numbers (R, G, B)")
+    if any(v <= 0 for v in pre.image_std):
+        bad("image_std", "every value must be above 0")
+
+
 def load_params(directory: str | Path) -> OvisU1Params:
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json")
     pre_path = directory / "preprocessor_config.json"
-    preprocessor = json.loads(pre_path.read_text()) if pre_path.exists() else None
+    preprocessor = read_json(pre_path) if pre_path.exists() else None
     return params_from_dicts(config, preprocessor)

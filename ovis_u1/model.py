@@ -19,8 +19,26 @@ from torch import nn
 
 from . import prompts
 from .attention import set_attention_backend
-from .checkpoint import check_directory, load_weights
+from .checkpoint import check_directory, check_finite_weights, load_weights
 from .config import OvisU1Params, load_params
+from .inputs import (  # re-exported: these names were defined here first
+    MAX_CFG,
+    MAX_SIZE,
+    MIN_SIZE,
+    SIZE_MULTIPLE,
+    OvisU1InputError,
+    check_cfg,
+    check_latent,
+    check_max_new_tokens,
+    check_pixels,
+    check_prompt,
+    check_sampling,
+    check_seed,
+    check_size,
+    check_steps,
+)
+from .inputs import check_edit_image, check_finite, check_pil_image
+from .truncation import check_truncation
 from .llm import build_llm, condition_states, generate
 from .mmdit import MMDiT
 from .operations import casts_weights, compute_dtype, manual_cast, parse_weight_dtype
@@ -37,18 +55,14 @@ from .vae import AutoencoderKL, latent_to_vae, legacy_vae_key, to_uint8_image, v
 from .vision import VisualTokenizer, visual_embeddings
 
 MODES = ("t2i", "edit")
-MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 4096, 16
-MAX_CFG = 100.0
-
-
-class OvisU1InputError(ValueError):
-    """A request the model cannot serve; the message names the input and the fix."""
+MAX_ENCODE_PIXELS = MAX_SIZE * MAX_SIZE  # the largest image the sampler makes; VAE Encode refuses larger ones
 
 
 @dataclass
 class Understanding:
     text: str
     token_ids: list[int]
+    warnings: list[str] = field(default_factory=list)  # e.g. what the truncation to multimodal_max_length cut
 
 
 @dataclass
@@ -59,6 +73,7 @@ class Condition:
     width: int
     height: int
     branches: dict[str, torch.Tensor]
+    warnings: list[str] = field(default_factory=list)  # e.g. what the truncation to multimodal_max_length cut
 
 
 @dataclass
@@ -79,31 +94,6 @@ class EditContext:
     width: int
     height: int
     image: Image.Image = field(repr=False)
-
-
-def check_size(width: int, height: int, what: str = "width/height") -> None:
-    """Sizes must lie on the 16-pixel token grid (the official code silently floors; we say so instead)."""
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v % SIZE_MULTIPLE or not MIN_SIZE <= v <= MAX_SIZE:
-            nearest = round(v / SIZE_MULTIPLE) * SIZE_MULTIPLE if isinstance(v, (int, float)) else 1024
-            raise OvisU1InputError(
-                f"{name} {v!r} is not usable: {what} must be a multiple of {SIZE_MULTIPLE} between "
-                f"{MIN_SIZE} and {MAX_SIZE}; pick e.g. {min(MAX_SIZE, max(MIN_SIZE, nearest))}"
-            )
-
-
-def check_cfg(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= MAX_CFG) or value != value:
-        official = "5 for text-to-image, 6 for edit" if name == "txt_cfg" else "1.5"
-        raise OvisU1InputError(
-            f"{name} {value!r} is out of range: use a value between 0 and {MAX_CFG:g} (official default: {official})"
-        )
-
-
-def check_prompt(prompt: str, name: str = "prompt") -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise OvisU1InputError(f"{name} is empty: write what the image should show (or how to change it)")
-    return prompt
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -163,9 +153,15 @@ class OvisU1(nn.Module):
         counts = [int(g.prod()) // self.params.vision.hidden_stride**2 for g in grids]
         return list(embeds.split(counts))
 
-    def _merge(self, ids: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
+    def _merge(self, ids: list[int], visual: list[torch.Tensor], notes: list[str] | None = None,
+               what: str = "the prompt", images_adjustable: bool = False) -> torch.Tensor:
         """Input embeddings [L, hidden] with the placeholders filled (SPEC §B.6), truncated to the last
-        ``multimodal_max_length`` positions."""
+        ``multimodal_max_length`` positions; what the truncation cuts is warned about (and appended to ``notes``),
+        an image it would remove completely is an error (``what`` names the text input)."""
+        found = check_truncation(ids, [len(v) for v in visual], prompts.IMAGE_ATOM_ID,
+                                 self.params.multimodal_max_length, what, self.tokenizer.decode, images_adjustable)
+        if notes is not None:
+            notes.extend(n for n in found if n not in notes)
         embed_tokens = self.llm.get_input_embeddings()
         device = embed_tokens.weight.device
         ids_t = torch.tensor(ids, device=device)
@@ -202,23 +198,28 @@ class OvisU1(nn.Module):
         scores: list[torch.Tensor] | None = None,
     ) -> Understanding:
         check_prompt(question, "question")
-        if max_new_tokens < 1:
-            raise OvisU1InputError(f"max_new_tokens {max_new_tokens} must be at least 1")
-        images = list(images or [])
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        if do_sample:  # greedy decoding ignores them (the CLI passes temperature 0 for greedy)
+            temperature, top_p = check_sampling(temperature, top_p)
+        seed = check_seed(seed)
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = [check_pil_image(img, f"image {i + 1}") for i, img in enumerate(images or [])]
         ids = prompts.understanding_ids(self.tokenizer, question, len(images))
         visual = self._visual_embeds(images) if images else []
-        embeds = self._merge(ids, visual)
+        notes: list[str] = []
+        embeds = self._merge(ids, visual, notes, "the question", images_adjustable=True)
         token_ids = generate(
             self.llm, embeds, self.tokenizer.eos_token_id, max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, scores=scores,
         )
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return Understanding(text=text, token_ids=token_ids)
+        return Understanding(text=text, token_ids=token_ids, warnings=notes)
 
     # -------------------------------------------------------------------------------------- generation
     def edit_size(self, image: Image.Image) -> tuple[int, int]:
         """(width, height) of an edit of ``image`` (SPEC §C.3)."""
-        return edit_target_size(*image.size)
+        return check_edit_image(check_pil_image(image, "image"), "image")
 
     @torch.inference_mode()
     def encode_condition(
@@ -239,24 +240,25 @@ class OvisU1(nn.Module):
         if mode == "t2i":
             if width is None or height is None:
                 raise OvisU1InputError("text-to-image needs width and height")
-            check_size(width, height)
+            width, height = check_size(width, height)
             sources = {"canvas": white_canvas(width, height)}
         else:
             if image is None:
                 raise OvisU1InputError("edit mode needs an image: connect the image to edit")
+            check_edit_image(check_pil_image(image, "image"), "image")
             source = resize_for_edit(image)
             width, height = source.size
             sources = {"source": source, "canvas": white_canvas(width, height)}
         names = list(sources)
         visual = self._visual_embeds([condition_image(sources[n], width, height, self.params.preprocess) for n in names])
         visual_by_source = dict(zip(names, visual))
-        embeds = []
+        embeds, notes = [], []
         branch_names = list(prompts.BRANCHES[mode])
         for branch in branch_names:
             ids = prompts.condition_ids(self.tokenizer, mode, branch, prompt)
-            embeds.append(self._merge(ids, [visual_by_source[prompts.BRANCHES[mode][branch][1]]]))
+            embeds.append(self._merge(ids, [visual_by_source[prompts.BRANCHES[mode][branch][1]]], notes))
         states = condition_states(self.llm, embeds)
-        return Condition(mode, width, height, {b: s[None] for b, s in zip(branch_names, states)})
+        return Condition(mode, width, height, {b: s[None] for b, s in zip(branch_names, states)}, warnings=notes)
 
     @torch.inference_mode()
     def refine(self, condition: Condition) -> Refined:
@@ -265,6 +267,7 @@ class OvisU1(nn.Module):
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         by_length: dict[int, list[str]] = {}
         for name, txt in condition.branches.items():
+            check_finite(txt, f"condition branch {name!r}", "re-encode the condition (NaN/inf came from the LLM)")
             by_length.setdefault(txt.shape[1], []).append(name)
         for names in by_length.values():
             txt = torch.cat([condition.branches[n] for n in names]).to(device=device, dtype=dtype)
@@ -276,9 +279,10 @@ class OvisU1(nn.Module):
     @torch.inference_mode()
     def encode_context(self, image: Image.Image, seed: int = 42) -> EditContext:
         """Edit source → VAE posterior sample (CPU generator seeded with ``seed``) → scaled, packed tokens."""
+        check_edit_image(check_pil_image(image, "image"), "image")
+        seed = check_seed(seed)
         source = resize_for_edit(image)
         width, height = source.size
-        check_size(width, height, "the edit size derived from the image")
         z = self.vae_encode(vae_pixel_values(source, width, height), seed=seed)
         tokens = pack_latents(vae_to_latent(z, self.params.vae))
         return EditContext(tokens=tokens, width=width, height=height, image=source)
@@ -313,12 +317,17 @@ class OvisU1(nn.Module):
             raise OvisU1InputError("a text-to-image condition takes no context: disconnect it or encode in edit mode")
         width = refined.width if width is None else width
         height = refined.height if height is None else height
-        check_size(width, height)
-        check_cfg("txt_cfg", txt_cfg)
+        width, height = check_size(width, height)
+        txt_cfg = check_cfg("txt_cfg", txt_cfg)
         if refined.mode == "edit":
-            check_cfg("img_cfg", img_cfg)
-        if not isinstance(steps, int) or steps < 1:
-            raise OvisU1InputError(f"steps {steps!r} must be a whole number of at least 1")
+            img_cfg = check_cfg("img_cfg", img_cfg)
+        steps = check_steps(steps)
+        seed = check_seed(seed)
+        for name, pair in refined.branches.items():
+            for part in pair:
+                check_finite(part, f"refined branch {name!r}", "run the refiner again (NaN/inf came from the model)")
+        if context is not None:
+            check_finite(context.tokens, "context", "encode the edit context again from a finite image")
 
         mmdit = self.mmdit
         device, dtype = _device_of(mmdit), _dtype_of(mmdit)
@@ -349,7 +358,12 @@ class OvisU1(nn.Module):
     # --------------------------------------------------------------------------------------------- VAE
     @torch.inference_mode()
     def vae_encode(self, pixels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] → VAE latent (posterior sample with a seeded CPU generator, or its mean)."""
+        """[B, 3, H, W] in [-1, 1] → VAE latent (posterior sample with a seeded CPU generator, or its mean).
+
+        Images above MAX_ENCODE_PIXELS are refused rather than tiled: the encoder's mid-block attends over the whole
+        image, so a tiled encode is not the same latent, and nothing in Ovis-U1 needs more than 4096² pixels."""
+        check_pixels(pixels, "pixels", MAX_ENCODE_PIXELS)
+        seed = None if seed is None else check_seed(seed)
         vae = self.vae
         mean, logvar = vae.encode(pixels.to(device=_device_of(vae), dtype=_dtype_of(vae)))
         if seed is None:
@@ -359,6 +373,7 @@ class OvisU1(nn.Module):
     @torch.inference_mode()
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
         """VAE latent [B, 4, h, w] → images [B, 3, 8h, 8w] in [-1, 1] (clamped)."""
+        check_latent(latent, "latent", self.params.vae.latent_channels)
         vae = self.vae
         x = vae.decode(latent.to(device=_device_of(vae), dtype=_dtype_of(vae)))
         return x.float().clamp(-1, 1)
@@ -370,6 +385,10 @@ class OvisU1(nn.Module):
     # ------------------------------------------------------------------------------------------ tasks
     def text_to_image(self, prompt: str, width: int = 1024, height: int = 1024, steps: int = 50,
                       txt_cfg: float = 5.0, seed: int = 42, callback=None) -> Image.Image:
+        # Every number is checked before the (expensive) text encoding runs.
+        check_prompt(prompt)
+        width, height = check_size(width, height)
+        steps, txt_cfg, seed = check_steps(steps), check_cfg("txt_cfg", txt_cfg), check_seed(seed)
         condition = self.encode_condition(prompt, "t2i", width=width, height=height)
         latent = self.sample(self.refine(condition), width, height, steps=steps, txt_cfg=txt_cfg, seed=seed,
                              callback=callback)
@@ -377,6 +396,12 @@ class OvisU1(nn.Module):
 
     def edit(self, image: Image.Image, instruction: str, steps: int = 50, img_cfg: float = 1.5,
              txt_cfg: float = 6.0, seed: int = 42, context_seed: int | None = None, callback=None) -> Image.Image:
+        # Every input is checked before the (expensive) text encoding runs.
+        check_prompt(instruction, "instruction")
+        check_edit_image(check_pil_image(image, "image"), "image")
+        steps, seed = check_steps(steps), check_seed(seed)
+        txt_cfg, img_cfg = check_cfg("txt_cfg", txt_cfg), check_cfg("img_cfg", img_cfg)
+        context_seed = None if context_seed is None else check_seed(context_seed, "context_seed")
         condition = self.encode_condition(instruction, "edit", image=image)
         context = self.encode_context(image, seed=seed if context_seed is None else context_seed)
         latent = self.sample(self.refine(condition), context=context, steps=steps, txt_cfg=txt_cfg,
@@ -456,6 +481,7 @@ def load_model(
         return weight_dtype if key in stored_in_fp8 else dtype
 
     load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
+    check_finite_weights(model, directory)
     model.eval()
     model.source = str(directory)
     model.weight_dtype = weight_dtype

@@ -23,6 +23,7 @@ from PIL import Image
 
 from . import resample
 from .config import PreprocessParams
+from .inputs import OvisU1InputError
 
 # §C.1: the conditioning image is shrunk with these bounds before §B.3 (max is the processor's min_pixels).
 CONDITION_FACTOR = 28
@@ -66,7 +67,7 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     if mode == "F":
         values = values.astype(np.float64)
         if not np.isfinite(values).all():
-            raise ValueError("image: a float ('F' mode) image contains NaN or infinite values; "
+            raise OvisU1InputError("image: a float ('F' mode) image contains NaN or infinite values; "
                              "replace them (e.g. with numpy.nan_to_num) before passing the image")
         levels = values * 255.0 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else values
         return np.clip(np.rint(levels), 0, 255).astype(np.uint8)

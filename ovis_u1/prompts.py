@@ -1,13 +1,23 @@
 """Prompt templates and tokenization (SPEC §B.1, §B.2, §B.7, §C.1) — the one place they live.
 
-Text is formatted as Qwen3 chat turns; each turn is tokenized on its own and, inside a turn, split on the literal
-``<image>`` so that every image becomes the placeholder group ``[-301, -300, -302]`` (start indicator, atom, end
-indicator). The atom is later replaced by the image's visual embeddings (``merge``).
+Text is formatted as Qwen3 chat turns; each turn is tokenized on its own and, inside a turn, split where an image goes
+so that every image becomes the placeholder group ``[-301, -300, -302]`` (start indicator, atom, end indicator). The
+atom is later replaced by the image's visual embeddings (``merge``).
+
+User text is text. The official code splits the whole turn on the literal ``<image>`` (or on ``<video>`` when that
+occurs anywhere), so a user who types ``<image>`` gets an extra placeholder with no image behind it and the official
+code fails (here: an IndexError). This module splits only where the template puts an image, so ``<image>`` and
+``<video>`` in a prompt are tokenized as the plain text they are; prompts without them tokenize exactly as the
+official code. The chat markup the tokenizer treats as special tokens (``<|im_start|>``, ``<|im_end|>``,
+``<|endoftext|>``…) would be parsed as markup inside user text too and end the user's turn early; it cannot be
+made plain text without changing the tokenization of the surrounding words, so it is refused with a clear error.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from .inputs import OvisU1InputError
 
 IMAGE_TOKEN = "<image>"
 IMAGE_ATOM_ID = -300
@@ -32,15 +42,79 @@ BRANCHES = {
 }
 
 
-def load_tokenizer(directory: str | Path):
-    """The checkpoint's Qwen2 tokenizer, by its concrete class.
+# The files a Qwen2 tokenizer is saved as; tokenizer.json alone, or vocab.json + merges.txt, hold the vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+# Tokens the templates write (each must be one token of the checkpoint's vocabulary) and the end of a turn, which
+# ends an answer (the tokenizer's eos).
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+END_OF_TURN = "<|im_end|>"
+ROUND_TRIP_TEXT = "Describe the image in detail."
+
+
+def load_tokenizer(directory: str | Path, llm_vocab_size: int | None = None):
+    """The checkpoint's Qwen2 tokenizer, by its concrete class, checked to be the one the prompts need.
 
     The Auto classes would read config.json's ``auto_map`` and (transformers 5.x) ask on stdin whether to run
-    remote code (SPEC §D.11), so they are never used here.
+    remote code (SPEC §D.11), so they are never used here. transformers builds *some* tokenizer from almost any
+    subset of the files — without tokenizer.json/vocab.json/merges.txt a 5-token one that turns every prompt into
+    nothing, without tokenizer_config.json + special_tokens_map.json one whose end of turn is ``<|endoftext|>`` —
+    so the result is checked and a failure names the missing files. ``llm_vocab_size`` defaults to config.json's
+    ``llm_config.vocab_size``.
     """
     from transformers import Qwen2TokenizerFast
 
-    return Qwen2TokenizerFast.from_pretrained(str(directory))
+    from .checkpoint import CheckpointError
+
+    directory = Path(directory)
+    missing = [name for name in TOKENIZER_FILES if not (directory / name).is_file()]
+
+    def fail(problem: str, cause: Exception | None = None):
+        files = f" (missing: {', '.join(missing)})" if missing else ""
+        raise CheckpointError(
+            f"the tokenizer in {str(directory)!r} is not the Ovis-U1 checkpoint's: {problem}{files}; "
+            "copy the tokenizer files of the ATH-MaaS/Ovis-U1-3B download (tokenizer.json, tokenizer_config.json, "
+            "vocab.json, merges.txt, special_tokens_map.json, added_tokens.json) into the folder"
+        ) from cause
+
+    if "tokenizer.json" in missing and ("vocab.json" in missing or "merges.txt" in missing):
+        fail("no vocabulary (tokenizer.json, or vocab.json with merges.txt)")
+    try:
+        tokenizer = Qwen2TokenizerFast.from_pretrained(str(directory))
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read the tokenizer files in {str(directory)!r} ({e}); fix the file "
+                              "permissions") from e
+    except Exception as e:  # transformers/tokenizers raise ValueError, JSON, and Rust exception types
+        fail(f"it cannot be loaded ({type(e).__name__}: {e})", e)
+    if llm_vocab_size is None:
+        llm_vocab_size = _llm_vocab_size(directory)
+    check_tokenizer(tokenizer, llm_vocab_size, fail)
+    return tokenizer
+
+
+def _llm_vocab_size(directory: Path) -> int | None:
+    import json
+
+    try:
+        return int(json.loads((directory / "config.json").read_text())["llm_config"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # config.json problems are reported by load_params
+
+
+def check_tokenizer(tokenizer, llm_vocab_size: int | None, fail) -> None:
+    """Every template token is a single id, the end of turn is the eos, plain text survives a round trip, and no id
+    lies outside the LLM's embedding table. ``fail(problem)`` raises."""
+    for token in TEMPLATE_TOKENS:
+        ids = tokenizer(token, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            fail(f"{token} is not one token (it tokenizes to {ids})")
+    if tokenizer.eos_token != END_OF_TURN:
+        fail(f"its end-of-sequence token is {tokenizer.eos_token!r}, but answers end at {END_OF_TURN}")
+    ids = tokenizer(ROUND_TRIP_TEXT, add_special_tokens=False).input_ids
+    if tokenizer.decode(ids) != ROUND_TRIP_TEXT:
+        fail(f"it does not reproduce plain text ({ROUND_TRIP_TEXT!r} → {ids})")
+    if llm_vocab_size is not None and len(tokenizer) > llm_vocab_size:
+        fail(f"it has {len(tokenizer)} tokens, more than the LLM's vocab_size {llm_vocab_size} in config.json")
 
 
 def user_turn(text: str) -> str:
@@ -52,13 +126,41 @@ def assistant_preface() -> str:
     return "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
-def understanding_query(question: str, num_images: int) -> str:
+class _ImageSlot:
+    """Where the template puts an image (never produced by user text)."""
+
+    def __repr__(self) -> str:
+        return IMAGE_TOKEN
+
+
+IMAGE = _ImageSlot()
+
+
+def understanding_query(question: str, num_images: int) -> list:
+    """The user text of an understanding turn as parts: strings and ``IMAGE`` slots."""
     if num_images == 0:
-        return question
+        return [question]
     if num_images == 1:
-        return f"{IMAGE_TOKEN}\n{question}"
-    lines = "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(num_images))
-    return lines + question
+        return [IMAGE, f"\n{question}"]
+    parts: list = []
+    for i in range(num_images):
+        parts += [f"Image {i + 1}: ", IMAGE, "\n"]
+    return _joined(parts + [question])
+
+
+def _joined(parts: list) -> list:
+    """Adjacent strings joined, so every text chunk between images is tokenized in one piece (as officially)."""
+    out: list = []
+    for part in parts:
+        if isinstance(part, str) and out and isinstance(out[-1], str):
+            out[-1] += part
+        elif not (isinstance(part, str) and not part):
+            out.append(part)
+    return out
+
+
+def user_turn_parts(parts: list) -> list:
+    return _joined(["<|im_start|>user\n", *parts, "<|im_end|>\n"])
 
 
 def condition_text(mode: str, branch: str, prompt: str) -> str:
@@ -71,23 +173,47 @@ def condition_text(mode: str, branch: str, prompt: str) -> str:
     return prompt.strip()
 
 
-def tokenize_turn(tokenizer, turn: str) -> list[int]:
-    """Tokenize one chat turn, mapping each ``<image>`` to the placeholder group."""
+def markup_in(tokenizer, text: str) -> list[str]:
+    """The tokenizer's special tokens (chat markup) that occur in ``text``."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    return sorted(t for t in specials if t and t in text)
+
+
+def check_markup(tokenizer, text: str, name: str) -> None:
+    found = markup_in(tokenizer, text)
+    if found:
+        raise OvisU1InputError(
+            f"{name} contains the model's chat markup {', '.join(found)}: the pack writes the chat template itself, "
+            "and this text would be read as markup, not as words; remove it from the " + name
+        )
+
+
+def tokenize_parts(tokenizer, parts: list) -> list[int]:
+    """Tokenize one chat turn given as parts; each ``IMAGE`` slot becomes the placeholder group."""
     ids: list[int] = []
-    chunks = turn.split(IMAGE_TOKEN)
-    for i, chunk in enumerate(chunks):
-        if i > 0:
+    for part in parts:
+        if part is IMAGE:
             ids.extend(IMAGE_PLACEHOLDER)
-        if chunk:
-            ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+        elif part:
+            ids.extend(tokenizer(part, add_special_tokens=False).input_ids)
     return ids
 
 
+def tokenize_turn(tokenizer, turn: str) -> list[int]:
+    """Tokenize template text (no user text) — the chat markup is parsed as markup."""
+    return tokenize_parts(tokenizer, [turn])
+
+
 def understanding_ids(tokenizer, question: str, num_images: int) -> list[int]:
-    query = understanding_query(question, num_images)
-    return tokenize_turn(tokenizer, user_turn(query)) + tokenize_turn(tokenizer, assistant_preface())
+    check_markup(tokenizer, question, "question")
+    parts = user_turn_parts(understanding_query(question, num_images))
+    return tokenize_parts(tokenizer, parts) + tokenize_turn(tokenizer, assistant_preface())
 
 
 def condition_ids(tokenizer, mode: str, branch: str, prompt: str) -> list[int]:
+    check_markup(tokenizer, prompt, "prompt")
     text = condition_text(mode, branch, prompt)
-    return tokenize_turn(tokenizer, user_turn(f"{IMAGE_TOKEN}\n{text}"))
+    return tokenize_parts(tokenizer, user_turn_parts([IMAGE, f"\n{text}"]))

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import ovis_u1
+from ovis_u1.inputs import OvisU1InputError
 from ovis_u1.config import PreprocessParams
 from ovis_u1.preprocess import condition_image, preprocess_image, resize_for_edit, to_rgb, vae_pixel_values
 from tests.golden import CHECKPOINT, TINY_A, assert_golden_image, case_params, requires_golden, tensors
@@ -119,7 +120,7 @@ def test_float_out_of_range_is_clipped():
 def test_non_finite_float_image_is_refused(bad):
     values = np.zeros((4, 4), np.float32)
     values[1, 2] = bad
-    with pytest.raises(ValueError, match="image.*NaN or infinite"):
+    with pytest.raises(OvisU1InputError, match="image.*NaN or infinite"):
         to_rgb(Image.fromarray(values))
 
 
@@ -215,6 +216,6 @@ def test_edit_accepts_the_mode(model, mode):
 def test_non_finite_float_image_is_refused_through_the_api(model):
     values = np.full((60, 90), 0.5, np.float32)
     values[3, 4] = np.nan
-    with pytest.raises(ValueError, match="image.*NaN"):
+    with pytest.raises(OvisU1InputError, match="image.*NaN"):
         model.understand([Image.fromarray(values)], "What is it?", max_new_tokens=2)
     _still_golden(model)

@@ -198,3 +198,11 @@ def test_manual_cast_computes_with_weights_on_another_dtype():
     table.weight.data = table.weight.data.to(torch.float8_e5m2)
     assert table(torch.tensor([1, 2])).dtype == torch.bfloat16
     assert table(torch.tensor([1]), out_dtype=torch.float32).dtype == torch.float32
+
+
+def test_fp8_storage_passes_the_load_time_finite_check():
+    """The load-time NaN/inf scan must handle fp8 tensors (torch has no isfinite for them)."""
+    from tests.golden import CHECKPOINT
+
+    model = ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.float32, weight_dtype="fp8_e4m3fn")
+    assert any(p.dtype == torch.float8_e4m3fn for p in model.parameters())

@@ -1,0 +1,225 @@
+"""Validation of what a user hands the public API: numbers, sizes, prompts, images and latents.
+
+Every check raises ``OvisU1InputError`` with a message that names the input and the fix, so that no raw
+``TypeError``, ``IndexError`` or torch ``RuntimeError`` reaches a user. Each validator returns the normalised value.
+
+What counts as unambiguous (accepted): Python and numpy integers, and floats (Python or numpy) with an integral value,
+where a whole number is needed; any real number (not bool) where a float is needed. Rejected: ``bool`` (``True`` as a
+step count is a wiring mistake), strings (the nodes and the CLI already deliver numbers, so a string at the API is a
+bug upstream — e.g. the prompt passed as ``steps`` — that should surface, not be parsed), ``None`` where no default
+exists, NaN and infinities.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+
+MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 4096, 16
+MAX_CFG = 100.0
+MAX_SEED = 2**64 - 1
+
+
+class OvisU1InputError(ValueError):
+    """A request the model cannot serve; the message names the input and the fix."""
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_int(value, name: str, minimum: int | None = None, maximum: int | None = None, fix: str = "") -> int:
+    """A whole number from an int, a numpy integer or an integral float; anything else names ``name`` and ``fix``."""
+    hint = f"; {fix}" if fix else ""
+    if not _is_real(value):
+        raise OvisU1InputError(f"{name} {value!r} ({type(value).__name__}) is not a whole number{hint}")
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+    else:
+        as_float = float(value)
+        if not math.isfinite(as_float) or as_float != math.floor(as_float):
+            raise OvisU1InputError(f"{name} {value!r} is not a whole number{hint}")
+        number = int(as_float)
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        low = "" if minimum is None else f"at least {minimum}"
+        high = "" if maximum is None else f"at most {maximum}"
+        raise OvisU1InputError(f"{name} {value!r} is out of range: it must be {' and '.join(filter(None, (low, high)))}"
+                               f"{hint}")
+    return number
+
+
+def as_float(value, name: str, low: float | None = None, high: float | None = None, low_open: bool = False,
+             fix: str = "") -> float:
+    """A finite real number in [low, high] (``(low, high]`` with ``low_open``)."""
+    hint = f"; {fix}" if fix else ""
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise OvisU1InputError(f"{name} {value!r} is not a finite number{hint}")
+    number = float(value)
+    too_low = low is not None and (number <= low if low_open else number < low)
+    if too_low or (high is not None and number > high):
+        interval = f"{'(' if low_open else '['}{'' if low is None else f'{low:g}'}, {'' if high is None else f'{high:g}'}]"
+        raise OvisU1InputError(f"{name} {value!r} is out of range: it must lie in {interval}{hint}")
+    return number
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """Seeds are whole numbers 0..2**64−1 (what a torch generator accepts and what ComfyUI's seed widget offers)."""
+    return as_int(seed, name, 0, MAX_SEED, fix=f"use a whole number between 0 and 2**64-1 = {MAX_SEED}")
+
+
+def check_steps(steps, name: str = "steps") -> int:
+    return as_int(steps, name, 1, None, fix="use a whole number of at least 1 (official default: 50)")
+
+
+def check_max_new_tokens(value, name: str = "max_new_tokens") -> int:
+    return as_int(value, name, 1, None, fix="use a whole number of at least 1 (e.g. 1024)")
+
+
+def check_sampling(temperature, top_p) -> tuple[float, float]:
+    """Temperature > 0 and top_p in (0, 1] (for sampling; greedy decoding does not use them)."""
+    temperature = as_float(temperature, "temperature", 0.0, None, low_open=True,
+                           fix="use a value above 0 (1.0 samples from the model's distribution)")
+    top_p = as_float(top_p, "top_p", 0.0, 1.0, low_open=True, fix="use a value in (0, 1] (1.0 disables it)")
+    return temperature, top_p
+
+
+def _nearest_size(value) -> int:
+    try:
+        nearest = round(float(value) / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    except (TypeError, ValueError, OverflowError):
+        nearest = 1024
+    return min(MAX_SIZE, max(MIN_SIZE, nearest))
+
+
+def check_size(width, height, what: str = "width/height") -> tuple[int, int]:
+    """Sizes must lie on the 16-pixel token grid (the official code silently floors; we say so instead).
+    Returns (width, height) as Python ints."""
+    sizes = []
+    for name, v in (("width", width), ("height", height)):
+        if v is None:
+            raise OvisU1InputError(f"{name} is missing: {what} must be given, e.g. 1024")
+        try:
+            number = as_int(v, name)
+        except OvisU1InputError:
+            number = None
+        if number is None or number % SIZE_MULTIPLE or not MIN_SIZE <= number <= MAX_SIZE:
+            shown = repr(v) if _is_real(v) and not isinstance(v, numbers.Integral) else (
+                str(int(v)) if _is_real(v) else f"{v!r} ({type(v).__name__})")
+            raise OvisU1InputError(
+                f"{name} {shown} is not usable: {what} must be a multiple of {SIZE_MULTIPLE} between "
+                f"{MIN_SIZE} and {MAX_SIZE}; pick e.g. {_nearest_size(v) if _is_real(v) else 1024}"
+            )
+        sizes.append(number)
+    return sizes[0], sizes[1]
+
+
+def check_cfg(name: str, value) -> float:
+    official = "5 for text-to-image, 6 for edit" if name == "txt_cfg" else "1.5"
+    if not _is_real(value) or not 0.0 <= float(value) <= MAX_CFG:  # NaN fails the comparison too
+        raise OvisU1InputError(
+            f"{name} {value!r} is out of range: use a value between 0 and {MAX_CFG:g} (official default: {official})"
+        )
+    return float(value)
+
+
+def check_prompt(prompt, name: str = "prompt") -> str:
+    if prompt is not None and not isinstance(prompt, str):
+        raise OvisU1InputError(f"{name} must be text, got {type(prompt).__name__}: pass a string")
+    if not prompt or not prompt.strip():
+        raise OvisU1InputError(f"{name} is empty: write what the image should show (or how to change it)")
+    return prompt
+
+
+def check_finite(tensor: torch.Tensor, name: str, fix: str = "") -> torch.Tensor:
+    """NaN or ±inf in an image or latent would pass through every layer as garbage (an all-NaN decode, or black once
+    clamped); it is an error that names the input instead. One reduction over the tensor."""
+    if not isinstance(tensor, torch.Tensor):
+        raise OvisU1InputError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        hint = fix or "the node or code that produced it computed NaN/inf — check its inputs (e.g. an fp16 overflow)"
+        raise OvisU1InputError(f"{name} contains {bad} NaN or infinite value(s) of {tensor.numel()}: {hint}")
+    return tensor
+
+
+def check_latent(latent, name: str, channels: int) -> torch.Tensor:
+    """A VAE latent [B, channels, h, w] with finite values."""
+    if not isinstance(latent, torch.Tensor):
+        raise OvisU1InputError(f"{name}: expected a latent tensor, got {type(latent).__name__}")
+    if latent.ndim != 4 or latent.shape[1] != channels or latent.shape[0] == 0 or min(latent.shape[2:]) < 1:
+        raise OvisU1InputError(
+            f"{name}: expected a latent [B, {channels}, h, w] of the Ovis-U1 VAE, got shape {list(latent.shape)}; "
+            "connect the output of an Ovis-U1 sampler or VAE encode"
+        )
+    if not latent.is_floating_point():
+        raise OvisU1InputError(f"{name}: expected a floating-point latent, got {latent.dtype}")
+    return check_finite(latent, name)
+
+
+def check_pixels(pixels, name: str, max_pixels: int) -> torch.Tensor:
+    """VAE encoder input [B, 3, H, W] in −1..1: finite, at least 8×8, at most ``max_pixels`` per image."""
+    if not isinstance(pixels, torch.Tensor):
+        raise OvisU1InputError(f"{name}: expected a pixel tensor, got {type(pixels).__name__}")
+    if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
+        raise OvisU1InputError(f"{name}: expected pixels [B, 3, H, W], got shape {list(pixels.shape)}")
+    height, width = pixels.shape[2:]
+    if height < 8 or width < 8:
+        raise OvisU1InputError(f"{name}: {width}×{height} is too small to encode (at least 8×8)")
+    check_image_area(width, height, name, max_pixels)
+    return check_finite(pixels, name)
+
+
+def check_image_area(width: int, height: int, name: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        side = int(math.sqrt(max_pixels))
+        raise OvisU1InputError(
+            f"{name}: {width}×{height} is too large to VAE-encode ({width * height} pixels, at most {max_pixels} = "
+            f"{side}×{side}); scale it down first (e.g. with the core 'Upscale Image' node or any image editor)"
+        )
+
+
+def check_pil_image(image, name: str = "image"):
+    """A PIL image whose pixels can be read; a float image ('F' mode) must be finite."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise OvisU1InputError(
+            f"{name}: expected a PIL image, got {type(image).__name__}; open files with PIL.Image.open(path)"
+        )
+    if image.width < 1 or image.height < 1:
+        raise OvisU1InputError(f"{name} is empty ({image.width}×{image.height}): use a real image")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files fail only when decoded
+        raise OvisU1InputError(f"{name} cannot be decoded ({e}); the file is truncated or corrupt — save it again") from e
+    if image.mode in ("F", "I;16F") or image.mode.startswith("F"):
+        import numpy as np
+
+        if not np.isfinite(np.asarray(image, dtype=np.float64)).all():
+            raise OvisU1InputError(f"{name} contains NaN or infinite pixel values: replace them before using it")
+    return image
+
+
+def check_edit_image(image, name: str = "image") -> tuple[int, int]:
+    """The edit size of ``image`` (SPEC §C.3), which the user cannot choose: it follows the image's aspect ratio at
+    about one megapixel. Very long thin or tiny images give a size outside the model's range; say so before any
+    text is encoded. Returns (width, height) of the edit."""
+    from .preprocess import edit_target_size
+
+    width, height = image.size
+    try:
+        with warnings.catch_warnings():  # smart_resize's note about tiny sides; the error below says it better
+            warnings.simplefilter("ignore")
+            edit_w, edit_h = edit_target_size(width, height)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        edit_w, edit_h = 0, 0
+    if not (MIN_SIZE <= edit_w <= MAX_SIZE and MIN_SIZE <= edit_h <= MAX_SIZE):
+        raise OvisU1InputError(
+            f"{name} is {width}×{height}, which gives an edit size of {edit_w}×{edit_h}; the edit size follows the "
+            f"image's shape (about one megapixel) and both sides must lie between {MIN_SIZE} and {MAX_SIZE}: crop or "
+            "pad the image to an aspect ratio of at most 16:1 (and at least 64 pixels on each side) before editing"
+        )
+    return edit_w, edit_h
