@@ -41,7 +41,7 @@ def mid_config() -> dict:
         hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, fullatt_block_indexes=[3],
     )
     vg = config["visual_generator_config"]
-    vg.update(hidden_size=1536, num_heads=12, axes_dim=[16, 56, 56], vec_in_dim=1024, context_in_dim=2048,
+    vg.update(hidden_size=1536, num_heads=12, axes_dim=[16, 56, 56], vec_in_dim=1536, context_in_dim=2048,
               depth=1, depth_single_blocks=2)
     vg["vae_config"].update(block_out_channels=[64, 128, 256, 256], norm_num_groups=32, layers_per_block=2)
     return config

@@ -481,6 +481,9 @@ def load_model(
         return weight_dtype if key in stored_in_fp8 else dtype
 
     load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
+    for module in model.modules():  # fp8 tables give their rows in the compute dtype
+        if isinstance(module, manual_cast.Embedding):
+            module.compute_dtype = dtype
     check_finite_weights(model, directory)
     model.eval()
     model.source = str(directory)

@@ -102,8 +102,13 @@ class manual_cast:  # noqa: N801 — a namespace, named like torch.nn and comfy.
             return F.rms_norm(x, self.normalized_shape, cast_like(self.weight, x), self.eps)
 
     class Embedding(nn.Embedding, CastWeights):
-        """Looks rows up in the stored dtype, then casts only the rows (fp8 tables become ``out_dtype`` or, by
-        default, bf16 — an index tensor carries no dtype to follow)."""
+        """Looks rows up in the stored dtype, then casts only the rows to ``out_dtype``.
+
+        An index tensor carries no dtype to follow, so an fp8 table returns ``compute_dtype`` (set by
+        :func:`ovis_u1.model.load_model` to the loader's dtype; bf16 if unset) unless ``out_dtype`` is given.
+        """
+
+        compute_dtype: torch.dtype | None = None
 
         def forward(self, ids: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
             weight = self.weight
@@ -112,7 +117,7 @@ class manual_cast:  # noqa: N801 — a namespace, named like torch.nn and comfy.
             rows = F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
                                self.scale_grad_by_freq, self.sparse)
             if out_dtype is None and is_fp8(rows.dtype):
-                out_dtype = torch.bfloat16
+                out_dtype = self.compute_dtype or torch.bfloat16
             return rows if out_dtype is None else rows.to(out_dtype)
 
 

@@ -198,6 +198,8 @@ def test_manual_cast_computes_with_weights_on_another_dtype():
     table.weight.data = table.weight.data.to(torch.float8_e5m2)
     assert table(torch.tensor([1, 2])).dtype == torch.bfloat16
     assert table(torch.tensor([1]), out_dtype=torch.float32).dtype == torch.float32
+    table.compute_dtype = torch.float16
+    assert table(torch.tensor([1])).dtype == torch.float16
 
 
 def test_fp8_storage_passes_the_load_time_finite_check():
