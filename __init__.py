@@ -1,4 +1,4 @@
-"""ComfyUI-Ovis-U1: AIDC-AI's Ovis-U1-3B (understanding, text-to-image, editing) as ComfyUI nodes."""
+"""ComfyUI-Ovis-U1: Ovis-U1-3B (ATH-MaaS, formerly AIDC-AI) as ComfyUI nodes: understanding, text-to-image, editing."""
 
 import os
 import sys

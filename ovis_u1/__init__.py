@@ -1,4 +1,4 @@
-"""Ovis-U1 in plain PyTorch: understanding, text-to-image and image editing with AIDC-AI's Ovis-U1-3B.
+"""Ovis-U1 in plain PyTorch: understanding, text-to-image and image editing with Ovis-U1-3B (ATH-MaaS, formerly AIDC-AI).
 
 Headless use::
 

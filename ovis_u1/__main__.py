@@ -37,7 +37,8 @@ def no_model_message(hint_demo: bool = True) -> str:
     hint = " (`python -m ovis_u1 demo` runs a smoke test without it.)" if hint_demo else ""
     return (
         "no Ovis-U1 model found. Looked in:\n  " + where + "\n"
-        "Download it with\n  huggingface-cli download AIDC-AI/Ovis-U1-3B --local-dir models/ovis_u1/Ovis-U1-3B\n"
+        "Download it with\n  huggingface-cli download ATH-MaaS/Ovis-U1-3B --local-dir models/ovis_u1/Ovis-U1-3B\n"
+        "(the repository was AIDC-AI/Ovis-U1-3B before it moved; the old id redirects)\n"
         "or pass --model DIR / set OVIS_U1_MODEL." + hint
     )
 
@@ -173,7 +174,8 @@ def _load(args, path: Path):
 
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     print(f"loading {path} ...", flush=True)
-    return load_model(path, device=args.device, dtype=dtype, attention=args.attention)
+    return load_model(path, device=args.device, dtype=dtype, attention=args.attention,
+                      weight_dtype=None if args.weight_dtype == "default" else args.weight_dtype)
 
 
 def run_demo(args) -> int:
@@ -280,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     common.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     common.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash_attn", "math"])
+    common.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn", "fp8_e5m2"],
+                        help="storage of the LLM, visual encoder and MMDiT weights; fp8 halves their memory and "
+                             "computes in --dtype (the VAE is never fp8)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", parents=[common], help="text-to-image → understanding → edit (smoke run without weights)")

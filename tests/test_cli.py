@@ -30,7 +30,7 @@ def test_demo_without_weights_is_a_labelled_smoke_run(no_models, capsys):
 def test_task_without_a_model_says_where_to_put_it(no_models, capsys):
     assert main(["t2i", "a cat"]) == 2
     err = capsys.readouterr().err
-    assert "no Ovis-U1 model found" in err and "huggingface-cli download AIDC-AI/Ovis-U1-3B" in err
+    assert "no Ovis-U1 model found" in err and "huggingface-cli download ATH-MaaS/Ovis-U1-3B" in err
 
 
 @requires_golden
@@ -51,3 +51,12 @@ def test_t2i_writes_the_golden_image_and_never_overwrites(no_models):
 def test_bad_request_is_a_clear_error(no_models, capsys):
     assert main(["t2i", "a cat", "--model", str(CHECKPOINT), "--width", "100", "--device", "cpu"]) == 2
     assert "width 100" in capsys.readouterr().err
+
+
+@requires_golden
+def test_fp8_weights_from_the_cli(no_models):
+    args = ["t2i", "a cat", "--model", str(CHECKPOINT), "--device", "cpu", "--dtype", "fp32", "--weight-dtype",
+            "fp8_e4m3fn", "--width", "64", "--height", "64", "--steps", "2", "--out", "fp8.png"]
+    assert main(args) == 0
+    image = np.asarray(Image.open(no_models / "fp8.png"))
+    assert image.shape == (64, 64, 3) and image.std() > 0
