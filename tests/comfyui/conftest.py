@@ -21,7 +21,7 @@ EDIT_IMAGE = "ovis_edit.png"
 
 
 @pytest.fixture(autouse=True)
-def _needs_comfyui():
+def _needs_comfyui():  # for tests that do not use the server fixture
     if not COMFYUI_PATH:
         pytest.skip(HOW_TO_RUN)
 
@@ -30,6 +30,8 @@ def _needs_comfyui():
 def comfy(tmp_path_factory):
     """A started ComfyUI (``--cpu``) with only this pack, the tiny checkpoint as models/ovis_u1/Ovis-U1-3B and the
     golden input images in input/."""
+    if not COMFYUI_PATH:
+        pytest.skip(HOW_TO_RUN)
     from tests.comfyui.server import ComfyServer
 
     comfyui = Path(COMFYUI_PATH).resolve()
