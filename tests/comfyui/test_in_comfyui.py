@@ -115,3 +115,28 @@ def test_interrupt_mid_sampling_leaves_the_model_usable(comfy):
     (save,) = nodes_of(golden, "SaveImage")
     (image,) = saved_images(comfy, again, save)
     assert_golden_image(image, tensors("t2i")["output_image_uint8"])
+
+
+def test_vae_nodes_with_comfyuis_latent_files(comfy):
+    """The node no workflow uses: VAE Encode of the edit input at the edit size (Edit Context Encoder's resized
+    image) gives the golden posterior mean, written by ComfyUI's SaveLatent; VAE Decode of it makes an image."""
+    from safetensors.torch import load_file
+
+    from tests.golden import assert_golden
+
+    prompt = {
+        "1": {"class_type": "OvisU1ModelLoader", "inputs": {"model": "Ovis-U1-3B", "dtype": "fp32", "attention": "auto"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": EDIT_IMAGE}},
+        "3": {"class_type": "OvisU1EditContextEncoder", "inputs": {"model": ["1", 0], "image": ["2", 0], "seed": 0}},
+        "4": {"class_type": "OvisU1VAEEncode", "inputs": {"model": ["1", 0], "image": ["3", 1]}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "latents/ovis_u1"}},
+        "6": {"class_type": "OvisU1VAEDecode", "inputs": {"model": ["1", 0], "samples": ["4", 0]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    run = comfy.run(prompt)
+    assert run.status == "success", run.explain()
+    (latent_file,) = run.outputs["5"]["latents"]
+    latent = load_file(str(comfy.output_file(latent_file)))["latent_tensor"]
+    assert_golden(latent, tensors("edit")["context.latent_mean"], "VAE Encode → SaveLatent")
+    (decoded,) = saved_images(comfy, run, "7")
+    assert decoded.shape == (*tensors("edit")["output_image_uint8"].shape[:2], 3)
