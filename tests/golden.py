@@ -1,4 +1,8 @@
-"""Access to the official-code goldens in ../shared/golden and the manifest's comparison rules."""
+"""Access to the official-code goldens and the manifest's comparison rules.
+
+The goldens live in the repository (tests/fixtures/golden: the official Ovis-U1 code run on tiny random models,
+trimmed to the tensors the tests read; see its README). ``OVIS_U1_GOLDEN`` points the tests at another copy, e.g. a
+full set made by tests/fixtures/golden/regenerate.py."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-GOLDEN = Path(os.environ.get("OVIS_U1_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "golden"
+GOLDEN = Path(os.environ.get("OVIS_U1_GOLDEN") or FIXTURES)
 TINY_A = GOLDEN / "tiny_a"
 CHECKPOINT = TINY_A / "checkpoint"
 
@@ -24,9 +29,22 @@ def manifest() -> dict:
     return json.loads((TINY_A / "manifest.json").read_text())
 
 
+class GoldenTensors(dict):
+    """A case's tensors; a key that is not there says how to add it (the repository keeps only the keys in use)."""
+
+    def __init__(self, case: str, tensors: dict[str, torch.Tensor]):
+        super().__init__(tensors)
+        self.case = case
+
+    def __missing__(self, key: str):
+        raise KeyError(f"golden tensor {key!r} of case {self.case!r} is not in {GOLDEN}: the repository keeps only the "
+                       f"keys the tests read; add it to tests/fixtures/golden/kept.json and run "
+                       f"'python tests/fixtures/golden/regenerate.py trim --source <a full golden set>'")
+
+
 @lru_cache(maxsize=None)
-def tensors(case: str) -> dict[str, torch.Tensor]:
-    return load_file(str(TINY_A / "cases" / case / "tensors.safetensors"))
+def tensors(case: str) -> GoldenTensors:
+    return GoldenTensors(case, load_file(str(TINY_A / "cases" / case / "tensors.safetensors")))
 
 
 def case_params(case: str) -> dict:
