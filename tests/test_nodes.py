@@ -78,7 +78,7 @@ def save_uint8(image: torch.Tensor) -> torch.Tensor:
 
 def t2i(model, seed=None, **sampler):
     p = case_params("t2i")
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
                        width=p["width"], height=p["height"])
     (refined,) = run("OvisU1Refiner", model=model, condition=condition)
     sampler = {"width": p["width"], "height": p["height"], "steps": p["steps"], "txt_cfg": p["txt_cfg"],
@@ -91,7 +91,7 @@ def t2i(model, seed=None, **sampler):
 def edit_inputs(model, image=None):
     p = case_params("edit")
     image = load_image(TINY_A / "cases" / "edit" / "input.png") if image is None else image
-    context, resized = run("OvisU1EditContextEncoder", model=model, image=image, seed=p["vae_sample_seed"])
+    context, resized, _ = run("OvisU1EditContextEncoder", model=model, image=image, seed=p["vae_sample_seed"])
     return context, resized
 
 
@@ -99,7 +99,7 @@ def edit(model, encode_image="resized", **sampler):
     p = case_params("edit")
     context, resized = edit_inputs(model)
     source = resized if encode_image == "resized" else load_image(TINY_A / "cases" / "edit" / "input.png")
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
     (refined,) = run("OvisU1Refiner", model=model, condition=condition)
     sampler = {"steps": p["steps"], "txt_cfg": p["txt_cfg"], "img_cfg": p["img_cfg"], "seed": p["seed"], **sampler}
     (latent,) = run("OvisU1Sampler", model=model, refined=refined, context=context, **sampler)
@@ -146,7 +146,7 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(models_dir):
     """Loaded once per module through the loader node, with its default dtype and attention."""
-    (model,) = run("OvisU1ModelLoader", model="tiny_a")
+    model, *_ = run("OvisU1ModelLoader", model="tiny_a")
     return model
 
 
@@ -350,7 +350,7 @@ def test_bad_sizes(model, node, size, match):
 def test_edit_sampler_needs_a_matching_context(model):
     p = case_params("edit")
     source = load_image(TINY_A / "cases" / "edit" / "input.png")
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
     (refined,) = run("OvisU1Refiner", model=model, condition=condition)
     with pytest.raises(OvisU1InputError, match="Edit Context Encoder"):
         run("OvisU1Sampler", model=model, refined=refined, steps=1)
@@ -358,7 +358,7 @@ def test_edit_sampler_needs_a_matching_context(model):
     assert (wrong.width, wrong.height) != (condition.width, condition.height)
     with pytest.raises(OvisU1InputError, match="context is .* same image"):
         run("OvisU1Sampler", model=model, refined=refined, context=wrong, steps=1)
-    (t2i_condition,) = run("OvisU1EncodeCondition", model=model, prompt="a cat", width=64, height=64)
+    t2i_condition, *_ = run("OvisU1EncodeCondition", model=model, prompt="a cat", width=64, height=64)
     (t2i_refined,) = run("OvisU1Refiner", model=model, condition=t2i_condition)
     context, _ = edit_inputs(model)
     with pytest.raises(OvisU1InputError, match="takes no context"):
