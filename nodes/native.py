@@ -95,15 +95,27 @@ class OvisU1Scheduler:
                     "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                     "tooltip": "Below 1: only the last part of the schedule (image-to-image on a VAE-encoded latent).",
                 }),
-            }
+            },
+            "optional": {
+                "latent": ("LATENT", {
+                    "tooltip": "Take the size from this latent instead of width/height (an edit: the 'latent' of "
+                               "the Edit Context Encoder).",
+                }),
+            },
         }
 
-    def schedule(self, model, width=1024, height=1024, steps=50, timestep_shift="config", denoise=1.0):
+    def schedule(self, model, width=1024, height=1024, steps=50, timestep_shift="config", denoise=1.0, latent=None):
         if timestep_shift not in SHIFT:
             raise OvisU1InputError(f"timestep_shift {timestep_shift!r} is unknown: use one of {', '.join(SHIFT)}")
         if not isinstance(steps, int) or steps < 1:
             raise OvisU1InputError(f"steps {steps!r} must be a whole number of at least 1")
         if denoise <= 0.0:
             return (torch.zeros(0),)  # as BasicScheduler: nothing to do
+        if latent is not None:
+            samples = latent.get("samples") if isinstance(latent, dict) else None
+            if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+                raise OvisU1InputError("latent: expected a LATENT of an image [B, 4, H/8, W/8]; connect the 'latent' "
+                                       "output of 'Ovis-U1 Edit Context Encoder' or an EmptyLatentImage")
+            height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
         params = model.model.params.mmdit
         return (official_sigmas(params, width, height, steps, SHIFT[timestep_shift], denoise),)

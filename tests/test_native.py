@@ -98,3 +98,13 @@ def test_conditioning_layout_of_an_edit_attaches_the_context_to_cond_and_no_txt(
     assert "reference_latents" not in out["negative"][0][1]
     without = native.conditioning_layout(Condition("edit", 96, 64, states))
     assert all("reference_latents" not in e[0][1] for e in without.values())
+
+
+def test_scheduler_takes_the_size_from_a_latent():
+    mmdit = MMDiTParams(timestep_shift=True)
+    scheduler = PACK.NODE_CLASS_MAPPINGS["OvisU1Scheduler"]()
+    latent = {"samples": torch.zeros(1, 4, 64, 96)}
+    (sigmas,) = scheduler.schedule(_Model(mmdit), 1024, 1024, 10, latent=latent)
+    assert torch.equal(sigmas, native.official_sigmas(mmdit, 768, 512, 10))
+    with pytest.raises(OvisU1InputError, match="latent"):
+        scheduler.schedule(_Model(mmdit), 1024, 1024, 10, latent={"samples": None})
