@@ -9,6 +9,8 @@ Every attention in Ovis-U1 (AIMv2 encoder, token refiner, MMDiT) is unmasked sof
 
 ``auto`` picks flash_attn when usable, else sdpa. Windowed attention of the visual encoder is expressed as a list
 of segment lengths (``attention_segments``): equal-length segments run batched, flash-attn uses its varlen kernel.
+The language model's causal, grouped-query attention is ``causal_attention``; it follows transformers 4.51.3 (key and
+value heads repeated for sdpa / math, an explicit scale, the math softmax in fp32).
 """
 
 from __future__ import annotations
@@ -69,6 +71,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if _backend == "math":
         return _math_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, H_kv, L, D] → [B, H_kv·groups, L, D], each key/value head repeated for its group of query heads."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal grouped-query attention. q: [B, H, Lq, D]; k, v: [B, H_kv, Lk, D] with H a multiple of H_kv and
+    Lk ≥ Lq; query i sits at key position Lk − Lq + i (the last Lq positions, as after a KV cache) → [B, H, Lq, D].
+    """
+    if _use_flash(q):  # flash-attn aligns the causal mask bottom-right and takes grouped heads as they are
+        out = _flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                                     causal=True)
+        return out.transpose(1, 2)
+    groups = q.shape[1] // k.shape[1]
+    q, k, v = q.contiguous(), repeat_kv(k, groups).contiguous(), repeat_kv(v, groups).contiguous()
+    lq, lk = q.shape[2], k.shape[2]
+    mask = None
+    if lq > 1 and lq != lk:
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if _backend == "math":
+        scores = (q @ k.transpose(-2, -1)) * scale
+        if lq > 1:
+            allowed = mask if mask is not None else torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=mask is None and lq > 1)
 
 
 def attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:

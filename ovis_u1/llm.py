@@ -1,51 +1,263 @@
-"""The Qwen3 language model, built with transformers' own classes from the checkpoint's ``llm_config``.
+"""The Qwen3 language model of Ovis-U1, written for this pack (transformers supplies only the tokenizer).
 
-Two uses: the condition pass for image generation (hidden states only — no lm_head, no loss, no KV cache; SPEC
-§C.2, §D.3) and token generation for understanding (a plain KV-cached loop so that every token can report progress
-and be interrupted; SPEC §B.6).
+Why not transformers' Qwen3 classes:
+
+* with transformers 5.24 every KV-cached call warns that ``past_key_values`` of ``Qwen3Model.forward`` goes away in
+  5.40, so generation built on it would break on a future upgrade;
+* the LLM must be built from an injected ``operations`` namespace (``comfy.ops`` inside ComfyUI, so that ComfyUI
+  can stream, cast and store its weights in fp8), which transformers' classes do not take;
+* ComfyUI core keeps its own Qwen3 (``comfy/text_encoders/llama.py``) for the same reasons;
+* the pack must compute the same numbers under transformers 4.51 … 5.x, which is simplest when no model code of
+  transformers runs at all.
+
+The numerics follow transformers 4.51.3 (the version of the official goldens) step by step: RMSNorm with the
+statistics in fp32 and ``weight * x.to(dtype)``, per-head q/k RMSNorm, rotary tables from a float ``inv_freq`` and
+an fp32 matmul with the positions, cast to the activation dtype, GQA by repeating key/value heads, causal
+attention with scale head_dim^-0.5, SwiGLU MLP, final norm, lm_head tied to the embedding table.
+
+Two uses: the condition pass for image generation (SPEC §C.2, §D.3: final-norm output ‖ input of the last layer,
+which transformers reports as ``hidden_states[-2]``) and token generation for understanding (a KV-cached loop
+that reports every token and can be interrupted; SPEC §B.6).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-# transformers' attention implementation for each of this package's attention backends
-ATTN_IMPLEMENTATION = {"auto": "sdpa", "sdpa": "sdpa", "math": "eager", "flash_attn": "flash_attention_2"}
-_CONFIG_DROP = ("torch_dtype", "dtype", "_attn_implementation_autoset", "_name_or_path", "architectures")
-
-
-def qwen3_config(llm_config: dict, attention: str = "sdpa"):
-    from transformers import Qwen3Config
-
-    config = Qwen3Config(**{k: v for k, v in llm_config.items() if k not in _CONFIG_DROP})
-    config._attn_implementation = ATTN_IMPLEMENTATION.get(attention, attention)
-    return config
+from .attention import BACKENDS, causal_attention
+from .math import rms_norm
 
 
-def build_llm(config):
-    """Qwen3ForCausalLM for ``config``; call under ``torch.device('meta')`` to allocate nothing."""
-    from transformers import Qwen3ForCausalLM
+# ------------------------------------------------------------------------------------------------- params
+@dataclass(frozen=True)
+class Qwen3Params:
+    """The shape-defining fields of a Qwen3 ``llm_config``; defaults are transformers' ``Qwen3Config`` defaults."""
 
-    return Qwen3ForCausalLM(config)
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
 
 
-def finish_llm(llm, device: torch.device) -> None:
-    """After weights are assigned: tie lm_head and rebuild the rotary table, which meta construction left empty."""
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+def qwen3_params(llm_config: dict) -> Qwen3Params:
+    """Parse the checkpoint's ``llm_config``; features this Qwen3 does not implement are errors, not ignored."""
+    if llm_config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"llm_config.hidden_act {llm_config['hidden_act']!r} is not supported: Qwen3 uses 'silu'")
+    rope_scaling = llm_config.get("rope_scaling") or {}
+    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
+        raise ValueError(f"llm_config.rope_scaling {rope_scaling!r} is not supported: Ovis-U1 uses plain RoPE (null)")
+    if llm_config.get("use_sliding_window"):
+        raise ValueError("llm_config.use_sliding_window is true: Ovis-U1's Qwen3 uses full causal attention; set false")
+    values = {f.name: llm_config[f.name] for f in fields(Qwen3Params) if llm_config.get(f.name) is not None}
+    values.setdefault("num_key_value_heads", values.get("num_attention_heads", Qwen3Params.num_attention_heads))
+    params = Qwen3Params(**values)
+    if params.num_attention_heads % params.num_key_value_heads:
+        raise ValueError(
+            f"llm_config.num_attention_heads {params.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {params.num_key_value_heads}"
+        )
+    return params
 
-    if getattr(llm.config, "tie_word_embeddings", True):
-        llm.lm_head.weight = llm.model.embed_tokens.weight
-    llm.model.rotary_emb = Qwen3RotaryEmbedding(config=llm.config).to(device)
+
+# ------------------------------------------------------------------------------------------------ modules
+class RMSNorm(nn.Module):
+    """transformers' Qwen3RMSNorm: statistics in fp32, ``weight * x_normed.to(x.dtype)``.
+
+    The weight is cast to the input's device and dtype, so the norm also runs when ComfyUI leaves the weights on
+    the offload device or in another dtype.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight.to(device=x.device, dtype=x.dtype), self.eps)
 
 
-def set_attention(llm, attention: str) -> None:
-    llm.config._attn_implementation = ATTN_IMPLEMENTATION.get(attention, attention)
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [1, L, head_dim] for positions [L], as transformers 4.51.3 computes them.
+
+    ``inv_freq`` is formed in float on the CPU (where transformers builds it at model construction), moved to the
+    positions' device, multiplied with the positions by an fp32 matmul under disabled autocast, duplicated for the
+    two halves, and cos/sin are cast to the activation dtype.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / head_dim
+    inv_freq = (1.0 / (theta**exponent)).to(positions.device)
+    device_type = positions.device.type if positions.device.type != "mps" else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        freqs = (inv_freq[None, :, None].float() @ positions[None, None, :].float()).transpose(1, 2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] rotated by the half-split RoPE tables [1, L, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer so far ([B, H_kv, T, D] each), grown by concatenation."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, p: Qwen3Params, layer: int, operations=nn):
+        super().__init__()
+        self.layer, self.head_dim, self.kv_groups = layer, p.head_dim, p.kv_groups
+        q_width, kv_width = p.num_attention_heads * p.head_dim, p.num_key_value_heads * p.head_dim
+        self.q_proj = operations.Linear(p.hidden_size, q_width, bias=p.attention_bias)
+        self.k_proj = operations.Linear(p.hidden_size, kv_width, bias=p.attention_bias)
+        self.v_proj = operations.Linear(p.hidden_size, kv_width, bias=p.attention_bias)
+        self.o_proj = operations.Linear(q_width, p.hidden_size, bias=p.attention_bias)
+        self.q_norm = RMSNorm(p.head_dim, p.rms_norm_eps)
+        self.k_norm = RMSNorm(p.head_dim, p.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        heads = (b, n, -1, self.head_dim)
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(heads)).transpose(1, 2), cos, sin)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(heads)).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(heads).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = causal_attention(q, k, v, scale=self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, p: Qwen3Params, operations=nn):
+        super().__init__()
+        self.gate_proj = operations.Linear(p.hidden_size, p.intermediate_size, bias=False)
+        self.up_proj = operations.Linear(p.hidden_size, p.intermediate_size, bias=False)
+        self.down_proj = operations.Linear(p.intermediate_size, p.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, p: Qwen3Params, layer: int, operations=nn):
+        super().__init__()
+        self.self_attn = Qwen3Attention(p, layer, operations)
+        self.mlp = Qwen3MLP(p, operations)
+        self.input_layernorm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Embedding table, decoder layers and final norm (checkpoint prefix ``llm.model.``)."""
+
+    def __init__(self, p: Qwen3Params, operations=nn):
+        super().__init__()
+        self.params = p
+        self.embed_tokens = operations.Embedding(p.vocab_size, p.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(p, i, operations) for i in range(p.num_hidden_layers))
+        self.norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+
+    def forward(self, embeds: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds [B, L, H] (positions continue after the cache) → (final-norm output, input of the last layer)."""
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device)
+        cos, sin = rotary_tables(positions, self.params.head_dim, self.params.rope_theta, embeds.dtype)
+        x = penultimate = embeds
+        for layer in self.layers:
+            penultimate = x
+            x = layer(x, cos, sin, cache)
+        return self.norm(x), penultimate
+
+
+class TiedLMHead(nn.Module):
+    """The output projection that reuses the embedding table: no weight of its own, so no second copy.
+
+    The table is held outside the module registry (it is registered once, under ``model.embed_tokens``) and cast
+    to the activation's device and dtype, since with ComfyUI's operations it may sit on the offload device.
+    """
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(device=x.device, dtype=x.dtype))
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """``llm.model`` + ``llm.lm_head``: the module tree and parameter names of the checkpoint."""
+
+    def __init__(self, p: Qwen3Params, operations=nn):
+        super().__init__()
+        self.params = p
+        self.model = Qwen3Model(p, operations)
+        if p.tie_word_embeddings:
+            self.lm_head = TiedLMHead(self.model.embed_tokens)
+        else:
+            self.lm_head = operations.Linear(p.hidden_size, p.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+
+def build_llm(llm_config: dict, attention: str = "auto", operations=nn) -> Qwen3ForCausalLM:
+    """The Qwen3 of ``llm_config`` with every Linear/Embedding from ``operations``; call under
+    ``torch.device('meta')`` to allocate nothing (nothing needs fixing after the weights are assigned).
+
+    ``attention`` is only checked here: the kernel is chosen by ``attention.set_attention_backend``, one switch
+    for every part of the model.
+    """
+    if attention not in BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {attention!r}")
+    return Qwen3ForCausalLM(qwen3_params(llm_config), operations)
+
+
+# ------------------------------------------------------------------------------------------------- passes
 @torch.inference_mode()
-def condition_states(llm, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+def condition_states(llm: Qwen3ForCausalLM, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
     """[last layer after the final norm ‖ second-to-last layer output] for each sequence ([L_i, H] → [L_i, 2H]).
 
     Sequences of equal length share one batched pass. Sequences of different lengths are not padded into one
@@ -57,9 +269,8 @@ def condition_states(llm, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
         by_length.setdefault(e.shape[0], []).append(i)
     states: list[torch.Tensor | None] = [None] * len(embeds)
     for indices in by_length.values():
-        out = llm.model(inputs_embeds=torch.stack([embeds[i] for i in indices]), output_hidden_states=True,
-                        use_cache=False)
-        both = torch.cat([out.hidden_states[-1], out.hidden_states[-2]], dim=-1)
+        last, penultimate = llm.model(torch.stack([embeds[i] for i in indices]))
+        both = torch.cat([last, penultimate], dim=-1)
         for row, i in enumerate(indices):
             states[i] = both[row]
     return states
@@ -78,7 +289,7 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(
-    llm,
+    llm: Qwen3ForCausalLM,
     embeds: torch.Tensor,
     eos_token_id: int | None,
     max_new_tokens: int,
@@ -96,13 +307,12 @@ def generate(
     """
     generator = torch.Generator().manual_seed(seed) if do_sample else None
     embed_tokens = llm.get_input_embeddings()
+    cache = KVCache(len(llm.model.layers))
     inputs = embeds[None]
-    past = None
     new_ids: list[int] = []
     for i in range(max_new_tokens):
-        out = llm.model(inputs_embeds=inputs, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits = llm.lm_head(out.last_hidden_state[:, -1]).float()
+        hidden, _ = llm.model(inputs, cache)
+        logits = llm.lm_head(hidden[:, -1]).float()
         if scores is not None:
             scores.append(logits[0].cpu())
         if do_sample:
@@ -116,5 +326,6 @@ def generate(
             on_token(i + 1, max_new_tokens)
         if eos_token_id is not None and token == eos_token_id:
             break
-        inputs = embed_tokens(torch.tensor([[token]], device=embeds.device))
+        next_ids = torch.tensor([[token]], device=embed_tokens.weight.device)
+        inputs = embed_tokens(next_ids).to(device=embeds.device, dtype=embeds.dtype)
     return new_ids

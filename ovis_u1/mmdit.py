@@ -9,6 +9,9 @@ extra image-only self-attention, then single-stream blocks over [text, image]. T
 
 Sequence order everywhere: [text (L), noise (N), context (N)]; RoPE ids text [0,0,0], noise [0,row,col],
 context [1,row,col]. Parameter names equal the checkpoint keys under ``visual_generator.backbone.``.
+
+Every Linear comes from the ``operations`` namespace given to :class:`MMDiT` (default ``torch.nn``; see
+:mod:`ovis_u1.operations`); the QK-norm's ``scale`` is the pack's own and is cast to the activation at use.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from .attention import attention
 from .config import MMDiTParams
 from .math import apply_rope, embed_positions, grid_ids, rms_norm, timestep_embedding
+from .operations import cast_like
 from .refiner import TokenRefiner
 
 LN_EPS = 1e-6
@@ -61,7 +65,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.scale, self.eps)
+        return rms_norm(x, cast_like(self.scale, x), self.eps)
 
 
 class QKNorm(nn.Module):
@@ -77,12 +81,12 @@ class QKNorm(nn.Module):
 class SelfAttention(nn.Module):
     """qkv projection + QK-norm (``qkv``, ``norm``) and the output projection (``proj``)."""
 
-    def __init__(self, hidden: int, num_heads: int, qkv_bias: bool):
+    def __init__(self, hidden: int, num_heads: int, qkv_bias: bool, operations=nn):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=qkv_bias)
+        self.qkv = operations.Linear(hidden, 3 * hidden, bias=qkv_bias)
         self.norm = QKNorm(hidden // num_heads)
-        self.proj = nn.Linear(hidden, hidden)
+        self.proj = operations.Linear(hidden, hidden)
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = split_heads(self.qkv(x), self.num_heads)
@@ -93,24 +97,26 @@ class SelfAttention(nn.Module):
 class Modulation(nn.Module):
     """Linear(silu(vec)) split into ``chunks`` vectors [B, 1, H] (groups of shift, scale, gate)."""
 
-    def __init__(self, hidden: int, chunks: int):
+    def __init__(self, hidden: int, chunks: int, operations=nn):
         super().__init__()
         self.chunks = chunks
-        self.lin = nn.Linear(hidden, chunks * hidden)
+        self.lin = operations.Linear(hidden, chunks * hidden)
 
     def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
         return self.lin(F.silu(vec))[:, None, :].chunk(self.chunks, dim=-1)
 
 
-def gelu_mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
+def gelu_mlp(hidden: int, mlp_hidden: int, operations=nn) -> nn.Sequential:
+    return nn.Sequential(
+        operations.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), operations.Linear(mlp_hidden, hidden)
+    )
 
 
 class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int, operations=nn):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = operations.Linear(in_dim, hidden)
+        self.out_layer = operations.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -120,16 +126,16 @@ class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights; joint attention over [text, image] plus an extra
     image-only self-attention (9-way image modulation: joint attention, MLP, self-attention)."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, operations=nn):
         super().__init__()
         mlp_hidden = int(hidden * mlp_ratio)
-        self.img_mod = Modulation(hidden, 9)
-        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias)
-        self.img_self_attn = SelfAttention(hidden, num_heads, qkv_bias)
-        self.img_mlp = gelu_mlp(hidden, mlp_hidden)
-        self.txt_mod = Modulation(hidden, 6)
-        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias)
-        self.txt_mlp = gelu_mlp(hidden, mlp_hidden)
+        self.img_mod = Modulation(hidden, 9, operations)
+        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias, operations)
+        self.img_self_attn = SelfAttention(hidden, num_heads, qkv_bias, operations)
+        self.img_mlp = gelu_mlp(hidden, mlp_hidden, operations)
+        self.txt_mod = Modulation(hidden, 6, operations)
+        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias, operations)
+        self.txt_mlp = gelu_mlp(hidden, mlp_hidden, operations)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, pe_img: Tensor) -> tuple[Tensor, Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.img_mod(vec)
@@ -158,15 +164,15 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over the joint sequence: linear1 → [qkv | mlp], linear2 ← [attn | gelu(mlp)]."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, operations=nn):
         super().__init__()
         self.num_heads = num_heads
         self.hidden = hidden
         self.mlp_hidden = int(hidden * mlp_ratio)
-        self.linear1 = nn.Linear(hidden, 3 * hidden + self.mlp_hidden)
-        self.linear2 = nn.Linear(hidden + self.mlp_hidden, hidden)
+        self.linear1 = operations.Linear(hidden, 3 * hidden + self.mlp_hidden)
+        self.linear2 = operations.Linear(hidden + self.mlp_hidden, hidden)
         self.norm = QKNorm(hidden // num_heads)
-        self.modulation = Modulation(hidden, 3)
+        self.modulation = Modulation(hidden, 3, operations)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         shift, scale, gate = self.modulation(vec)
@@ -178,10 +184,10 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    def __init__(self, hidden: int, out_channels: int):
+    def __init__(self, hidden: int, out_channels: int, operations=nn):
         super().__init__()
-        self.linear = nn.Linear(hidden, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = operations.Linear(hidden, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), operations.Linear(hidden, 2 * hidden))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
@@ -236,7 +242,7 @@ class Prepared:
 
 
 class MMDiT(nn.Module):
-    def __init__(self, params: MMDiTParams):
+    def __init__(self, params: MMDiTParams, operations=nn):
         super().__init__()
         if params.hidden_size % params.num_heads:
             raise ValueError(f"hidden_size {params.hidden_size} is not divisible by num_heads {params.num_heads}")
@@ -246,17 +252,19 @@ class MMDiT(nn.Module):
             raise ValueError("guidance-distilled MMDiT (guidance_embed=True) is not supported")
         self.params = params
         hidden = params.hidden_size
-        self.img_in = nn.Linear(params.in_channels, hidden)
-        self.time_in = MLPEmbedder(TIME_EMBED_DIM, hidden)
-        self.vector_in = MLPEmbedder(params.vec_in_dim, hidden)
-        self.txt_in = TokenRefiner(params)
+        self.img_in = operations.Linear(params.in_channels, hidden)
+        self.time_in = MLPEmbedder(TIME_EMBED_DIM, hidden, operations)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, hidden, operations)
+        self.txt_in = TokenRefiner(params, operations=operations)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(hidden, params.num_heads, params.mlp_ratio, params.qkv_bias) for _ in range(params.depth)
+            DoubleStreamBlock(hidden, params.num_heads, params.mlp_ratio, params.qkv_bias, operations)
+            for _ in range(params.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(hidden, params.num_heads, params.mlp_ratio) for _ in range(params.depth_single_blocks)
+            SingleStreamBlock(hidden, params.num_heads, params.mlp_ratio, operations)
+            for _ in range(params.depth_single_blocks)
         )
-        self.final_layer = LastLayer(hidden, params.out_channels)
+        self.final_layer = LastLayer(hidden, params.out_channels, operations)
 
     # ---- step-invariant preparation -------------------------------------------------------------------------
 
@@ -279,7 +287,7 @@ class MMDiT(nn.Module):
             if context.shape[1] != num_tokens:
                 raise ValueError(f"context has {context.shape[1]} tokens, the {height}x{width} grid has {num_tokens}")
             ids.append(grid_ids(rows, cols, 1.0))
-            projected = self.img_in(context.to(self.img_in.weight.dtype))
+            projected = self.img_in(context.to(tokens.dtype))  # the compute dtype (img_in's weight may be fp8)
         pe = embed_positions(torch.cat(ids, dim=1).to(tokens.device), self.params.axes_dim, self.params.theta)
         return Prepared(
             txt=tokens,

@@ -21,8 +21,9 @@ from . import prompts
 from .attention import set_attention_backend
 from .checkpoint import check_directory, load_weights
 from .config import OvisU1Params, load_params
-from .llm import build_llm, condition_states, finish_llm, generate, qwen3_config, set_attention
+from .llm import build_llm, condition_states, generate
 from .mmdit import MMDiT
+from .operations import casts_weights, compute_dtype, manual_cast, parse_weight_dtype
 from .preprocess import (
     condition_image,
     edit_target_size,
@@ -110,25 +111,29 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    """The dtype a part computes in (not its fp8 storage dtype)."""
+    return compute_dtype(module)
 
 
 class VisualGenerator(nn.Module):
-    def __init__(self, params: OvisU1Params):
+    def __init__(self, params: OvisU1Params, operations=nn):
         super().__init__()
-        self.backbone = MMDiT(params.mmdit)
-        self.vae = AutoencoderKL(params.vae)
+        self.backbone = MMDiT(params.mmdit, operations=operations)
+        self.vae = AutoencoderKL(params.vae, operations=operations)
 
 
 class OvisU1(nn.Module):
-    def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto"):
+    """The whole model. ``operations``: the layer namespace every part is built from (default ``torch.nn``; the
+    ComfyUI bridge passes ComfyUI's operations, fp8 storage the pack's :class:`ovis_u1.operations.manual_cast`)."""
+
+    def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto", operations=nn):
         super().__init__()
         self.params = params
         self.tokenizer = tokenizer
-        self.llm = build_llm(qwen3_config(params.llm_config, attention))
-        self.visual_tokenizer = VisualTokenizer(params.vision)
-        self.vte = nn.Embedding(params.vision.vocab_size, params.hidden_size)
-        self.visual_generator = VisualGenerator(params)
+        self.llm = build_llm(params.llm_config, attention, operations)
+        self.visual_tokenizer = VisualTokenizer(params.vision, operations=operations)
+        self.vte = operations.Embedding(params.vision.vocab_size, params.hidden_size)
+        self.visual_generator = VisualGenerator(params, operations=operations)
 
     # ----------------------------------------------------------------------------------------------- parts
     @property
@@ -141,7 +146,6 @@ class OvisU1(nn.Module):
 
     def set_attention(self, attention: str) -> None:
         set_attention_backend(attention)
-        set_attention(self.llm, attention)
 
     # ------------------------------------------------------------------------------------ multimodal input
     def _visual_embeds(self, images: list[Image.Image], num_images: int = 1) -> list[torch.Tensor]:
@@ -390,9 +394,52 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None, attention: str = "auto") -> OvisU1:
+FP8_PARTS = ("llm.", "visual_tokenizer.", "vte.", "visual_generator.backbone.")  # never the VAE
+
+
+def fp8_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that fp8 storage applies to: the matrices (≥ 2-D weights) of layers that cast their weights
+    at use, in the LLM, the visual encoder and embedding table, and the MMDiT.
+
+    Biases, norm weights and free parameters (positional table, cls token) keep the compute dtype: they are a
+    negligible share of the bytes and the values most sensitive to rounding. Layers that cannot cast (plain
+    torch.nn) are left alone, so fp8 never reaches a layer that would multiply in fp8.
+    """
+    keys = set()
+    for name, module in model.named_modules():
+        if not casts_weights(module):
+            continue
+        weight = getattr(module, "weight", None)
+        key = f"{name}.weight"
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and key.startswith(FP8_PARTS):
+            keys.add(key)
+    return keys
+
+
+def load_model(
+    path: str | Path,
+    device=None,
+    dtype: torch.dtype | None = None,
+    attention: str = "auto",
+    operations=None,
+    weight_dtype: torch.dtype | str | None = None,
+) -> OvisU1:
     """Load an Ovis-U1 checkpoint folder (Hugging Face layout). The VAE is kept in fp32 (the official decode runs
-    in fp32 on CUDA); everything else in ``dtype`` (default bf16 where supported, else fp32)."""
+    in fp32 on CUDA); everything else computes in ``dtype`` (default bf16 where supported, else fp32).
+
+    ``weight_dtype`` (None/"default", torch.float8_e4m3fn/"fp8_e4m3fn", torch.float8_e5m2/"fp8_e5m2") stores the
+    weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see :func:`fp8_keys`); compute stays
+    in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``, or the pack's manual cast when
+    ``weight_dtype`` is set).
+    """
+    weight_dtype = parse_weight_dtype(weight_dtype)
+    if operations is None:
+        operations = manual_cast if weight_dtype is not None else nn
+    elif weight_dtype is not None and operations is nn:
+        raise OvisU1InputError(
+            f"weight_dtype {weight_dtype} needs layers that cast their weights (torch.nn layers cannot compute "
+            "with fp8 weights): leave operations unset (the pack's manual cast is used) or pass a manual-cast one"
+        )
     directory = check_directory(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -400,13 +447,16 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None, 
     tokenizer = prompts.load_tokenizer(directory)
     set_attention_backend(attention)
     with torch.device("meta"):
-        model = OvisU1(params, tokenizer=tokenizer, attention=attention)
+        model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations)
+    stored_in_fp8 = fp8_keys(model) if weight_dtype is not None else set()
 
     def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
-        return torch.float32 if key.startswith("visual_generator.vae.") else dtype
+        if key.startswith("visual_generator.vae."):
+            return torch.float32
+        return weight_dtype if key in stored_in_fp8 else dtype
 
     load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
-    finish_llm(model.llm, device)
     model.eval()
     model.source = str(directory)
+    model.weight_dtype = weight_dtype
     return model

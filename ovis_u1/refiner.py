@@ -2,7 +2,8 @@
 
 It turns the LLM condition [B, L, context_in_dim] into MMDiT text tokens [B, L, hidden] plus one pooled vector
 [B, hidden] (a learned CLS token prepended before the refiner blocks). Its modulation vector depends only on the
-text (no timestep), so it runs once per prompt, not once per denoising step.
+text (no timestep), so it runs once per prompt, not once per denoising step. Linear and LayerNorm layers come from
+the ``operations`` namespace (default ``torch.nn``; see :mod:`ovis_u1.operations`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .config import MMDiTParams
+from .operations import cast_like
 
 # Fixed by the architecture (not in config.json): the checkpoint stores individual_token_refiner.blocks.{0,1},
 # the attention uses twice the MMDiT head count, and the MLP is 4× wide.
@@ -24,20 +26,20 @@ REFINER_MLP_RATIO = 4.0
 class TextProjection(nn.Module):
     """Mean-pooled condition → modulation vector c (Linear → SiLU → Linear)."""
 
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int, operations=nn):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, hidden)
-        self.linear_2 = nn.Linear(hidden, hidden)
+        self.linear_1 = operations.Linear(in_dim, hidden)
+        self.linear_2 = operations.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
 class RefinerMLP(nn.Module):
-    def __init__(self, hidden: int, mlp_hidden: int):
+    def __init__(self, hidden: int, mlp_hidden: int, operations=nn):
         super().__init__()
-        self.fc1 = nn.Linear(hidden, mlp_hidden)
-        self.fc2 = nn.Linear(mlp_hidden, hidden)
+        self.fc1 = operations.Linear(hidden, mlp_hidden)
+        self.fc2 = operations.Linear(mlp_hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.silu(self.fc1(x)))
@@ -46,15 +48,16 @@ class RefinerMLP(nn.Module):
 class RefinerBlock(nn.Module):
     """Pre-LN transformer block with gated residuals; gates come from c. No RoPE, no QK-norm, no mask."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float = REFINER_MLP_RATIO, qkv_bias: bool = True):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float = REFINER_MLP_RATIO, qkv_bias: bool = True,
+                 operations=nn):
         super().__init__()
         self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
-        self.self_attn_qkv = nn.Linear(hidden, 3 * hidden, bias=qkv_bias)
-        self.self_attn_proj = nn.Linear(hidden, hidden, bias=qkv_bias)
-        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
-        self.mlp = RefinerMLP(hidden, int(hidden * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.norm1 = operations.LayerNorm(hidden, eps=1e-6)
+        self.self_attn_qkv = operations.Linear(hidden, 3 * hidden, bias=qkv_bias)
+        self.self_attn_proj = operations.Linear(hidden, hidden, bias=qkv_bias)
+        self.norm2 = operations.LayerNorm(hidden, eps=1e-6)
+        self.mlp = RefinerMLP(hidden, int(hidden * mlp_ratio), operations)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), operations.Linear(hidden, 2 * hidden))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         gate_attn, gate_mlp = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
@@ -67,9 +70,11 @@ class RefinerBlock(nn.Module):
 
 
 class IndividualTokenRefiner(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, depth: int, qkv_bias: bool = True):
+    def __init__(self, hidden: int, num_heads: int, depth: int, qkv_bias: bool = True, operations=nn):
         super().__init__()
-        self.blocks = nn.ModuleList(RefinerBlock(hidden, num_heads, qkv_bias=qkv_bias) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            RefinerBlock(hidden, num_heads, qkv_bias=qkv_bias, operations=operations) for _ in range(depth)
+        )
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         for block in self.blocks:
@@ -80,17 +85,19 @@ class IndividualTokenRefiner(nn.Module):
 class TokenRefiner(nn.Module):
     """``txt_in``: forward(txt [B, L, context_in_dim]) → (tokens [B, L, hidden], pooled [B, hidden])."""
 
-    def __init__(self, params: MMDiTParams, depth: int = REFINER_DEPTH):
+    def __init__(self, params: MMDiTParams, depth: int = REFINER_DEPTH, operations=nn):
         super().__init__()
         hidden = params.hidden_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
-        self.input_embedder = nn.Linear(params.context_in_dim, hidden)
-        self.c_embedder = TextProjection(params.context_in_dim, hidden)
-        self.individual_token_refiner = IndividualTokenRefiner(hidden, REFINER_HEAD_FACTOR * params.num_heads, depth)
+        self.input_embedder = operations.Linear(params.context_in_dim, hidden)
+        self.c_embedder = TextProjection(params.context_in_dim, hidden, operations)
+        self.individual_token_refiner = IndividualTokenRefiner(
+            hidden, REFINER_HEAD_FACTOR * params.num_heads, depth, operations=operations
+        )
 
     def forward(self, txt: Tensor) -> tuple[Tensor, Tensor]:
         c = self.c_embedder(txt.mean(dim=1))
         x = self.input_embedder(txt)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = torch.cat([cast_like(self.cls_token, x).expand(x.shape[0], -1, -1), x], dim=1)
         x = self.individual_token_refiner(x, c)
         return x[:, 1:], x[:, 0]

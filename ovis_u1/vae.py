@@ -16,6 +16,10 @@ All GroupNorms use eps 1e-6. In half precision GroupNorm and the attention run i
 gives sane output on any device; in fp32 the computation is operation-for-operation the one of diffusers.
 
 The scaling/shift factors are applied outside: :func:`vae_to_latent` / :func:`latent_to_vae` (SPEC §C.7, §C.9).
+
+Conv2d and Linear layers come from the ``operations`` namespace given to :class:`AutoencoderKL` (default
+``torch.nn``; see :mod:`ovis_u1.operations`). The GroupNorms are the pack's own (their math differs in half
+precision) and cast their weights to the input's device at use.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 
 from .attention import attention
 from .config import VAEParams
+from .operations import cast_like
 
 __all__ = [
     "AutoencoderKL",
@@ -41,27 +46,35 @@ _EPS = 1e-6
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that normalises in fp32 when its input is fp16/bf16 and casts the result back."""
+class GroupNorm32(nn.Module):
+    """Affine GroupNorm that normalises in fp32 when its input is fp16/bf16 and casts the result back.
+
+    The pack's own module (not a torch.nn.GroupNorm) because its half-precision math differs from an operations
+    GroupNorm; its ``weight``/``bias`` are cast to the (fp32-promoted) input's device and dtype at use.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = _EPS):
+        super().__init__()
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in _LOW_PRECISION:
-            w = self.weight.float() if self.weight is not None else None
-            b = self.bias.float() if self.bias is not None else None
-            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        xc = x.float() if x.dtype in _LOW_PRECISION else x
+        out = F.group_norm(xc, self.num_groups, cast_like(self.weight, xc), cast_like(self.bias, xc), self.eps)
+        return out.to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
     """diffusers ``ResnetBlock2D`` without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, operations=nn):
         super().__init__()
         self.norm1 = GroupNorm32(groups, in_channels, eps=_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = operations.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = GroupNorm32(groups, out_channels, eps=_EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = operations.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = operations.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -76,13 +89,13 @@ class AttentionBlock(nn.Module):
 
     _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, operations=nn):
         super().__init__()
         self.group_norm = GroupNorm32(groups, channels, eps=_EPS)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q = operations.Linear(channels, channels)
+        self.to_k = operations.Linear(channels, channels)
+        self.to_v = operations.Linear(channels, channels)
+        self.to_out = nn.ModuleList([operations.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -102,10 +115,12 @@ class AttentionBlock(nn.Module):
 class MidBlock(nn.Module):
     """resnet → attention → resnet (``UNetMidBlock2D`` with one layer; attention optional)."""
 
-    def __init__(self, channels: int, groups: int, add_attention: bool):
+    def __init__(self, channels: int, groups: int, add_attention: bool, operations=nn):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
-        self.attentions = nn.ModuleList([AttentionBlock(channels, groups)] if add_attention else [])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(channels, channels, groups, operations), ResnetBlock(channels, channels, groups, operations)]
+        )
+        self.attentions = nn.ModuleList([AttentionBlock(channels, groups, operations)] if add_attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -117,9 +132,9 @@ class MidBlock(nn.Module):
 class Downsample(nn.Module):
     """Zero-pad right/bottom by one pixel, then a 3×3 conv with stride 2."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=nn):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = operations.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
@@ -128,9 +143,9 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour ×2, then a 3×3 conv."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=nn):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = operations.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= 64:
@@ -139,12 +154,14 @@ class Upsample(nn.Module):
 
 
 class DownBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool,
+                 operations=nn):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
+            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, operations)
+             for i in range(num_layers)]
         )
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+        self.downsamplers = nn.ModuleList([Downsample(out_channels, operations)] if downsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -155,12 +172,14 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool,
+                 operations=nn):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
+            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, operations)
+             for i in range(num_layers)]
         )
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+        self.upsamplers = nn.ModuleList([Upsample(out_channels, operations)] if upsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -171,20 +190,21 @@ class UpBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, p: VAEParams):
+    def __init__(self, p: VAEParams, operations=nn):
         super().__init__()
         ch = p.block_out_channels
         g = p.norm_num_groups
-        self.conv_in = nn.Conv2d(p.in_channels, ch[0], 3, padding=1)
+        self.conv_in = operations.Conv2d(p.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             [
-                DownBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block, g, downsample=i < len(ch) - 1)
+                DownBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block, g, downsample=i < len(ch) - 1,
+                          operations=operations)
                 for i in range(len(ch))
             ]
         )
-        self.mid_block = MidBlock(ch[-1], g, p.mid_block_add_attention)
+        self.mid_block = MidBlock(ch[-1], g, p.mid_block_add_attention, operations)
         self.conv_norm_out = GroupNorm32(g, ch[-1], eps=_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * p.latent_channels, 3, padding=1)
+        self.conv_out = operations.Conv2d(ch[-1], 2 * p.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -195,20 +215,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, p: VAEParams):
+    def __init__(self, p: VAEParams, operations=nn):
         super().__init__()
         ch = tuple(reversed(p.block_out_channels))
         g = p.norm_num_groups
-        self.conv_in = nn.Conv2d(p.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g, p.mid_block_add_attention)
+        self.conv_in = operations.Conv2d(p.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g, p.mid_block_add_attention, operations)
         self.up_blocks = nn.ModuleList(
             [
-                UpBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block + 1, g, upsample=i < len(ch) - 1)
+                UpBlock(ch[max(i - 1, 0)], ch[i], p.layers_per_block + 1, g, upsample=i < len(ch) - 1,
+                        operations=operations)
                 for i in range(len(ch))
             ]
         )
         self.conv_norm_out = GroupNorm32(g, ch[-1], eps=_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], p.out_channels, 3, padding=1)
+        self.conv_out = operations.Conv2d(ch[-1], p.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -220,13 +241,13 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """The Ovis-U1 VAE. ``encode`` → (mean, logvar); ``sample_latent``; ``decode`` (no scaling inside)."""
 
-    def __init__(self, params: VAEParams):
+    def __init__(self, params: VAEParams, operations=nn):
         super().__init__()
         self.params = params
-        self.encoder = Encoder(params)
-        self.decoder = Decoder(params)
-        self.quant_conv = nn.Conv2d(2 * params.latent_channels, 2 * params.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(params.latent_channels, params.latent_channels, 1)
+        self.encoder = Encoder(params, operations)
+        self.decoder = Decoder(params, operations)
+        self.quant_conv = operations.Conv2d(2 * params.latent_channels, 2 * params.latent_channels, 1)
+        self.post_quant_conv = operations.Conv2d(params.latent_channels, params.latent_channels, 1)
 
     @property
     def dtype(self) -> torch.dtype:

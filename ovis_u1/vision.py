@@ -7,6 +7,10 @@ norm_2, mlp.{fc1, fc2, fc3}}``, ``backbone.trunk.post_trunk_norm`` (stored, unus
 No buffers: the RoPE angles, the window permutation and the attention segments depend only on ``grid_thws`` and are
 computed in ``forward`` (``VisualGeometry``, cached per grid and device in a plain dict), so the model can be built on
 the meta device. Parameters may be fp32, bf16 or fp16; RMSNorm statistics, RoPE and the head softmax run in fp32.
+
+Every Linear/Conv2d/LayerNorm comes from the ``operations`` namespace given to :class:`VisualTokenizer` (default
+``torch.nn``; see :mod:`ovis_u1.operations`). The pack's own RMSNorm and the positional table cast their weights to
+the activation's device and dtype at use, so weights may stay on an offload device or in another dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from .attention import attention_segments
 from .config import VisionParams
 from .math import rms_norm
+from .operations import cast_like
 
 NUM_INDICATOR_TOKENS = 4  # vte rows V-4..V-1 are reserved for the image indicators (SPEC §B.5/§B.6)
 
@@ -137,8 +142,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def visual_embeddings(probs: torch.Tensor, vte_weight: torch.Tensor) -> torch.Tensor:
-    """Soft visual embeddings ``probs @ vte.weight`` [N/4, V] × [V, H] → [N/4, H] (SPEC §B.5, MOU:VisualEmbedding)."""
-    return torch.matmul(probs.to(vte_weight.dtype), vte_weight)
+    """Soft visual embeddings ``probs @ vte.weight`` [N/4, V] × [V, H] → [N/4, H] (SPEC §B.5, MOU:VisualEmbedding).
+
+    Computed in the dtype and on the device of ``probs``: the table is cast to them (it may be stored in fp8 or on
+    an offload device).
+    """
+    return torch.matmul(probs, cast_like(vte_weight, probs))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -154,7 +163,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, cast_like(self.weight, x), self.eps)
 
 
 class PatchEmbed(nn.Module):
@@ -164,9 +173,9 @@ class PatchEmbed(nn.Module):
     differs by ~6e-6 after the trunk (different reduction order).
     """
 
-    def __init__(self, p: VisionParams):
+    def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
-        self.proj = nn.Conv2d(p.num_channels, p.hidden_size, kernel_size=p.patch_size, stride=p.patch_size)
+        self.proj = operations.Conv2d(p.num_channels, p.hidden_size, kernel_size=p.patch_size, stride=p.patch_size)
         self.norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -174,17 +183,18 @@ class PatchEmbed(nn.Module):
         if pixel_values.shape[-1] != c * ps * ps:
             raise ValueError(f"pixel_values have {pixel_values.shape[-1]} features per patch, "
                              f"the patch embedding expects {c * ps * ps} (channels x patch x patch)")
-        x = pixel_values.to(self.proj.weight.dtype).reshape(-1, c, ps, ps)
+        # The norm's weight is never stored in fp8, so its dtype is the compute dtype (the conv's may be fp8).
+        x = pixel_values.to(self.norm.weight.dtype).reshape(-1, c, ps, ps)
         return self.norm(self.proj(x).reshape(x.shape[0], -1))
 
 
 class Preprocessor(nn.Module):
     """Patch embedding + the interpolated original positional embedding in merge-group order (§B.4)."""
 
-    def __init__(self, p: VisionParams):
+    def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
         self.params = p
-        self.patchifier = PatchEmbed(p)
+        self.patchifier = PatchEmbed(p, operations)
         if p.preserve_original_pe:
             num_patches = (p.image_size // p.patch_size) ** 2
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, p.hidden_size))
@@ -196,19 +206,19 @@ class Preprocessor(nn.Module):
         s = self.params.hidden_stride
         pes = []
         for t, h, w in grids:
-            pe = interpolate_pos_embed(self.pos_embed, h, w, self.params.interpolate_pe_method).repeat(t, 1)
+            pe = interpolate_pos_embed(self.pos_embed.to(tokens.device), h, w, self.params.interpolate_pe_method).repeat(t, 1)
             pes.append(raster_to_merge_order(pe, t, h, w, s))
-        return tokens + torch.cat(pes).to(tokens.dtype)
+        return tokens + cast_like(torch.cat(pes), tokens)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with 2-D RoPE over given segments (windows or whole images) (§B.4)."""
 
-    def __init__(self, p: VisionParams):
+    def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
         self.num_heads = p.num_heads
-        self.qkv = nn.Linear(p.hidden_size, 3 * p.hidden_size, bias=p.qkv_bias)
-        self.proj = nn.Linear(p.hidden_size, p.hidden_size, bias=p.use_bias)
+        self.qkv = operations.Linear(p.hidden_size, 3 * p.hidden_size, bias=p.qkv_bias)
+        self.proj = operations.Linear(p.hidden_size, p.hidden_size, bias=p.use_bias)
 
     def forward(self, x: torch.Tensor, lengths: list[int], cos, sin) -> torch.Tensor:
         n = x.shape[0]
@@ -222,11 +232,11 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """fc2(silu(fc1(x)) ⊙ fc3(x)) (§B.4)."""
 
-    def __init__(self, p: VisionParams):
+    def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
-        self.fc1 = nn.Linear(p.hidden_size, p.intermediate_size, bias=p.use_bias)
-        self.fc2 = nn.Linear(p.intermediate_size, p.hidden_size, bias=p.use_bias)
-        self.fc3 = nn.Linear(p.hidden_size, p.intermediate_size, bias=p.use_bias)
+        self.fc1 = operations.Linear(p.hidden_size, p.intermediate_size, bias=p.use_bias)
+        self.fc2 = operations.Linear(p.intermediate_size, p.hidden_size, bias=p.use_bias)
+        self.fc3 = operations.Linear(p.hidden_size, p.intermediate_size, bias=p.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
@@ -235,12 +245,12 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x += attn(norm_1(x)); x += mlp(norm_2(x)) (§B.4)."""
 
-    def __init__(self, p: VisionParams):
+    def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
         self.norm_1 = RMSNorm(p.hidden_size, p.rms_norm_eps)
-        self.attn = Attention(p)
+        self.attn = Attention(p, operations)
         self.norm_2 = RMSNorm(p.hidden_size, p.rms_norm_eps)
-        self.mlp = SwiGLU(p)
+        self.mlp = SwiGLU(p, operations)
 
     def forward(self, x: torch.Tensor, lengths: list[int], cos, sin) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), lengths, cos, sin)
@@ -250,10 +260,10 @@ class Block(nn.Module):
 class Trunk(nn.Module):
     """The AIMv2 blocks, run in window order; ``post_trunk_norm`` is stored but not applied (§B.4)."""
 
-    def __init__(self, p: VisionParams):
+    def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
         self.params = p
-        self.blocks = nn.ModuleList(Block(p) for _ in range(p.num_layers))
+        self.blocks = nn.ModuleList(Block(p, operations) for _ in range(p.num_layers))
         self.post_trunk_norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
 
     def is_full_attention(self, index: int) -> bool:
@@ -273,22 +283,22 @@ class Trunk(nn.Module):
 class AIMv2Backbone(nn.Module):
     """``visual_tokenizer.backbone``: preprocessor (patch embed + PE) and trunk (§B.4)."""
 
-    def __init__(self, p: VisionParams):
+    def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
-        self.preprocessor = Preprocessor(p)
-        self.trunk = Trunk(p)
+        self.preprocessor = Preprocessor(p, operations)
+        self.trunk = Trunk(p, operations)
 
 
 class VisualTokenizer(nn.Module):
     """``visual_tokenizer``: AIMv2 backbone + head Linear(4·D → V−4) → LayerNorm → softmax (§B.4, §B.5)."""
 
-    def __init__(self, params: VisionParams):
+    def __init__(self, params: VisionParams, operations=nn):
         super().__init__()
         self.params = params
-        self.backbone = AIMv2Backbone(params)
+        self.backbone = AIMv2Backbone(params, operations)
         merged = params.hidden_size * params.hidden_stride ** 2
         head_dim = params.vocab_size - NUM_INDICATOR_TOKENS
-        self.head = nn.Sequential(nn.Linear(merged, head_dim, bias=False), nn.LayerNorm(head_dim))
+        self.head = nn.Sequential(operations.Linear(merged, head_dim, bias=False), operations.LayerNorm(head_dim))
         self._geometry: dict = {}  # (grids, device) → VisualGeometry; plain dict, not buffers
 
     def geometry(self, grid_thws, device) -> VisualGeometry:

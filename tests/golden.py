@@ -51,7 +51,7 @@ def assert_golden_image(actual, expected: torch.Tensor, name: str = "output_imag
     """uint8 images by the manifest's rule: at most 2 levels apart (the truncating uint8 cast turns a 1-ulp float
     difference into a level). fp32 kernels differ by an ulp between CPU generations (AVX2 / AVX-512 paths), so a
     run on another machine may flip a pixel; on top of the manifest's rule at most 0.1 % of the values may differ."""
-    actual = torch.as_tensor(np.asarray(actual)).to(torch.int32)
+    actual = torch.as_tensor(np.array(actual)).to(torch.int32)
     expected = expected.to(torch.int32)
     assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     diff = (actual - expected).abs()

@@ -1,0 +1,121 @@
+"""Layer namespaces ("operations") the model is built from, and the pack's headless manual-cast namespace.
+
+Every weight-bearing part of ``ovis_u1`` takes an ``operations`` namespace: anything with torch.nn-compatible
+constructors ``Linear, Conv2d, GroupNorm, LayerNorm, Embedding`` (and ``RMSNorm`` for the LLM). The default is
+``torch.nn`` itself. Inside ComfyUI the bridge passes ComfyUI's own operations (``comfy.ops.manual_cast`` or what
+``comfy.ops.pick_operations`` returns) so that ComfyUI can keep weights on the offload device and stream them.
+
+Headless, :class:`manual_cast` here plays that role: its layers cast weight and bias to the input's dtype and device
+in ``forward``. That is what lets weights be *stored* in fp8 (``weight_dtype``) and *computed* in bf16/fp16/fp32, and
+what lets weights live on another device than the activations. This module never imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def cast_like(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """``t`` on x's device in x's dtype (no copy when it already is) — how a stored weight meets an activation."""
+    if t is None:
+        return None
+    return t.to(device=x.device, dtype=x.dtype)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a part computes in: that of its first floating parameter not stored in fp8.
+
+    With fp8 storage only the matrices of cast-capable layers are fp8; biases and norm weights keep the compute
+    dtype (see :func:`ovis_u1.model.load_model`), so every part has such a parameter.
+    """
+    first = None
+    for p in module.parameters():
+        if not p.is_floating_point():
+            continue
+        if first is None:
+            first = p.dtype
+        if not is_fp8(p.dtype):
+            return p.dtype
+    if first is None:
+        raise ValueError(f"{type(module).__name__} has no floating parameters")
+    return torch.bfloat16 if is_fp8(first) else first
+
+
+def parse_weight_dtype(value) -> torch.dtype | None:
+    """None / "default" → None; "fp8_e4m3fn" / "fp8_e5m2" or the torch dtypes → that fp8 dtype.
+
+    Raises ``ovis_u1.model.OvisU1InputError`` naming the choices for anything else.
+    """
+    if value is None or value in FP8_DTYPES:
+        return value
+    if isinstance(value, str) and value in WEIGHT_DTYPES:
+        return WEIGHT_DTYPES[value]
+    from .model import OvisU1InputError  # model imports this module; the error class lives there
+
+    raise OvisU1InputError(
+        f"weight_dtype {value!r} is unknown: use one of {', '.join(WEIGHT_DTYPES)} "
+        "(fp8 stores the LLM, visual encoder and MMDiT weights in 8 bits; the VAE never)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The headless manual-cast namespace
+# ---------------------------------------------------------------------------------------------------------------------
+
+class CastWeights:
+    """Marker: the layer casts its stored weights to the input's dtype/device in ``forward`` (fp8 storage is safe)."""
+
+    casts_weights = True
+
+
+class manual_cast:  # noqa: N801 — a namespace, named like torch.nn and comfy.ops.manual_cast
+    """torch.nn layers whose forward casts weight and bias to the input's dtype and device."""
+
+    class Linear(nn.Linear, CastWeights):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(x, cast_like(self.weight, x), cast_like(self.bias, x))
+
+    class Conv2d(nn.Conv2d, CastWeights):
+        def forward(self, x: Tensor) -> Tensor:
+            return self._conv_forward(x, cast_like(self.weight, x), cast_like(self.bias, x))
+
+    class GroupNorm(nn.GroupNorm, CastWeights):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.group_norm(x, self.num_groups, cast_like(self.weight, x), cast_like(self.bias, x), self.eps)
+
+    class LayerNorm(nn.LayerNorm, CastWeights):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.layer_norm(x, self.normalized_shape, cast_like(self.weight, x), cast_like(self.bias, x),
+                                self.eps)
+
+    class RMSNorm(nn.RMSNorm, CastWeights):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.rms_norm(x, self.normalized_shape, cast_like(self.weight, x), self.eps)
+
+    class Embedding(nn.Embedding, CastWeights):
+        """Looks rows up in the stored dtype, then casts only the rows (fp8 tables become ``out_dtype`` or, by
+        default, bf16 — an index tensor carries no dtype to follow)."""
+
+        def forward(self, ids: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+            weight = self.weight
+            if weight.device != ids.device:
+                weight = weight.to(ids.device)
+            rows = F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
+                               self.scale_grad_by_freq, self.sparse)
+            if out_dtype is None and is_fp8(rows.dtype):
+                out_dtype = torch.bfloat16
+            return rows if out_dtype is None else rows.to(out_dtype)
+
+
+def casts_weights(layer: nn.Module) -> bool:
+    """Whether ``layer`` casts its weights at use: the pack's manual cast, or ComfyUI's (``comfy_cast_weights``)."""
+    return bool(getattr(layer, "casts_weights", False) or getattr(layer, "comfy_cast_weights", False))
