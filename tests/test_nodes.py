@@ -223,6 +223,34 @@ def test_loader_errors_name_the_input_and_the_fix(models_dir, model, name, expec
 def test_loader_rejects_unknown_options(models_dir):
     with pytest.raises(CheckpointError, match="dtype 'fp8'"):
         run("OvisU1ModelLoader", model="tiny_a", dtype="fp8")
+    with pytest.raises(CheckpointError, match="weight_dtype 'fp4'.*fp8_e4m3fn"):
+        run("OvisU1ModelLoader", model="tiny_a", weight_dtype="fp4")
+
+
+def test_loader_core_outputs_need_comfyui(models_dir):
+    """Outside ComfyUI there is no core MODEL or VAE to make; the pack's own nodes still get the model."""
+    model, core_model, core_vae = run("OvisU1ModelLoader", model="tiny_a")
+    assert core_model is None and core_vae is None and model.patchers == {}
+
+
+def test_edit_outputs_for_the_native_path(model):
+    """Encode Condition's CONDITIONING carries the context's raw VAE latent on positive and middle (not negative);
+    the Edit Context Encoder's latent is empty at the edit size."""
+    p = case_params("edit")
+    context, resized, empty = run("OvisU1EditContextEncoder", model=model,
+                                  image=load_image(TINY_A / "cases" / "edit" / "input.png"), seed=p["vae_sample_seed"])
+    assert empty["samples"].shape == (1, 4, context.height // 8, context.width // 8) and not empty["samples"].any()
+    condition, positive, middle, negative = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit",
+                                                image=resized, context=context)
+    reference = positive[0][1]["reference_latents"][0]
+    assert middle[0][1]["reference_latents"][0] is reference and "reference_latents" not in negative[0][1]
+    assert positive[0][0] is condition.branches["cond"] and middle[0][0] is condition.branches["no_txt"]
+    assert negative[0][0] is condition.branches["no_both"]
+    # scaled and packed as the model does it (latent format, 2×2 patches), it is the official context
+    from ovis_u1.sampling import pack_latents
+
+    scale = model.model.params.vae.scaling_factor
+    assert_golden(pack_latents(reference * scale), tensors("edit")["context.tokens"], "context.tokens")
 
 
 # ------------------------------------------------------------------------------------------------ the goldens
