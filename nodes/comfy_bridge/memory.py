@@ -42,7 +42,18 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
     ``compute_dtype`` — the call ``comfy.model_base.BaseModel`` makes for its own diffusion models."""
     storage = _TORCH_WEIGHT_DTYPES.get(weight_dtype, compute_dtype) if weight_dtype else compute_dtype
     manual_cast = None if storage == compute_dtype else compute_dtype
-    return comfy.ops.pick_operations(storage, manual_cast, load_device=load_device())
+    ops = comfy.ops.pick_operations(storage, manual_cast, load_device=load_device())
+
+    class Operations(ops):
+        class Embedding(ops.Embedding):
+            """ComfyUI's cast Embedding returns its *stored* dtype (fp8) unless the caller passes ``out_dtype``, as
+            ComfyUI's own text encoders do; the library expects the compute dtype, as from every other layer."""
+
+            def forward(self, *args, **kwargs):
+                kwargs.setdefault("out_dtype", compute_dtype)
+                return super().forward(*args, **kwargs)
+
+    return Operations
 
 
 def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto"):
