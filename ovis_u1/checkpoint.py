@@ -8,12 +8,13 @@ straight to the target dtype and device, so the whole model never exists twice i
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -68,15 +69,6 @@ def weight_files(directory: str | Path) -> list[Path]:
         if not f.is_file():
             raise CheckpointError(f"weight shard {f.name} named by {INDEX_FILE} is missing from {str(directory)!r}")
     return files
-
-
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-        raise CheckpointError(
-            f"cannot read {path} ({e}); the file is truncated or corrupt — download it again"
-        ) from e
 
 
 def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
@@ -134,6 +126,108 @@ def _names(items: list[str], most: int = 8) -> str:
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
+# safetensors dtype names → torch dtypes
+_STORED_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_CHUNK_BYTES = 32 << 20  # a tensor that needs converting is converted in pieces of this size
+_RELEASE = hasattr(mmap, "MADV_DONTNEED")  # can mapped file pages be dropped from this process again?
+
+
+class _TensorReader:
+    """Reads the tensors of one safetensors file, holding at most a few chunks of file data at any time.
+
+    A tensor already in the dtype it is used in, on the CPU, is not read at all: it is a view of a private
+    (copy-on-write) memory map of the file, so its pages come in when first used and are shared with the page cache.
+    Every other tensor is converted chunk by chunk into its destination, straight from a read-only map of the file:
+    the kernel is asked to read the next chunk ahead while the current one converts, and the pages of a converted
+    chunk are dropped from the process at once. Where pages cannot be dropped (no madvise, e.g. Windows) the
+    chunks are read into one reused buffer instead. Either way fp32 files load as bf16 at the size of the bf16
+    weights plus a chunk or two, reading the file once.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb", buffering=0)
+        header_len = int.from_bytes(self.file.read(8), "little")
+        header = json.loads(self.file.read(header_len))
+        self.data_start = 8 + header_len
+        self.index = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._private = self._source = self._buffer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._source = None  # the maps close when the last tensor viewing them is gone
+        self.file.close()
+
+    def offset(self, key: str) -> int:
+        return self.index[key]["data_offsets"][0]
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        name = self.index[key]["dtype"]
+        if name not in _STORED_DTYPES:
+            raise CheckpointError(f"{key!r} in {self.path} has dtype {name}, which Ovis-U1 checkpoints never use")
+        return _STORED_DTYPES[name]
+
+    def read(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        stored = self.stored_dtype(key)
+        begin, end = self.index[key]["data_offsets"]
+        offset, count = self.data_start + begin, (end - begin) // stored.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype, device=device)
+        if dtype == stored and device.type == "cpu" and offset % stored.itemsize == 0:
+            if self._private is None:
+                self._private = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY)
+            return torch.frombuffer(self._private, dtype=stored, count=count, offset=offset).view(shape)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        flat, step = out.view(-1), max(1, _CHUNK_BYTES // stored.itemsize)
+        for first in range(0, count, step):
+            n = min(step, count - first)
+            start, size = offset + first * stored.itemsize, n * stored.itemsize
+            if _RELEASE:
+                flat[first : first + n].copy_(self._mapped(start, size, end=offset + count * stored.itemsize)
+                                             .view(stored))
+                self._release(start, size)
+            else:
+                flat[first : first + n].copy_(self._read_range(start, size).view(stored))
+        return out
+
+    def _mapped(self, start: int, size: int, end: int) -> torch.Tensor:
+        """Bytes [start, start+size) of the read-only map; the kernel is asked to read the next chunk meanwhile."""
+        if self._source is None:
+            self._source = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        ahead = min(start + size, end)
+        self._advise(mmap.MADV_WILLNEED, ahead, min(_CHUNK_BYTES, end - ahead))
+        with warnings.catch_warnings():  # read-only by design: the map is only ever copied from
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(self._source, dtype=torch.uint8, count=size, offset=start)
+
+    def _release(self, start: int, size: int) -> None:
+        self._advise(mmap.MADV_DONTNEED, start, size)
+
+    def _advise(self, advice: int, start: int, size: int) -> None:
+        first = start - start % mmap.PAGESIZE
+        if size > 0:
+            self._source.madvise(advice, first, start + size - first)
+
+    def _read_range(self, offset: int, size: int) -> torch.Tensor:
+        if self._buffer is None or self._buffer.numel() < size:
+            self._buffer = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(self._buffer.numpy())[:size]
+        self.file.seek(offset)
+        done = 0
+        while done < size:
+            got = self.file.readinto(view[done:])
+            if not got:
+                raise OSError(f"unexpected end of file at byte {offset + done}")
+            done += got
+        return self._buffer[:size]
+
+
 def load_weights(
     module: torch.nn.Module,
     directory: str | Path,
@@ -144,7 +238,9 @@ def load_weights(
     """Validate the stored keys against ``module`` (built on meta) and assign the weights.
 
     ``dtype_for(key, stored_dtype)`` picks each floating tensor's dtype; ``rename`` maps stored names
-    (e.g. legacy VAE attention names) to the module's.
+    (e.g. legacy VAE attention names) to the module's. Memory: tensors used in their stored dtype on the CPU are
+    memory-mapped views of the file (no copy); the others are converted chunk by chunk (see ``_TensorReader``),
+    so the process never holds the file and the converted weights at once.
     """
     files = weight_files(directory)
     on_disk = stored_shapes(files)
@@ -157,22 +253,20 @@ def load_weights(
             stored[k] = (shape[:2], path)
     validate_keys(expected, stored)
 
+    device = torch.device(device)
     by_file: dict[Path, list[str]] = {}
     for key, (_, path) in stored.items():
         by_file.setdefault(path, []).append(key)
     state: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
-        with _open(path) as f:
-            for key in keys:
+        with _TensorReader(path) as reader:
+            for key in sorted(keys, key=lambda k: reader.offset(original[k])):  # one sequential pass over the file
+                stored_dtype = reader.stored_dtype(original[key])
+                dtype = dtype_for(key, stored_dtype) if stored_dtype.is_floating_point else stored_dtype
                 try:
-                    t = f.get_tensor(original[key])
-                except Exception as e:
+                    state[key] = reader.read(original[key], dtype, expected[key], device)
+                except OSError as e:
                     raise CheckpointError(f"cannot read {original[key]!r} from {path} ({e}); download it again") from e
-                if t.is_floating_point():
-                    t = t.to(device=device, dtype=dtype_for(key, t.dtype))
-                else:
-                    t = t.to(device=device)
-                state[key] = t.reshape(expected[key])
     result = module.load_state_dict(state, strict=False, assign=True)
     leftover = [k for k in result.missing_keys if k not in TIED_KEYS]
     if leftover or result.unexpected_keys:  # validate_keys makes this unreachable; keep the promise explicit

@@ -22,6 +22,7 @@ that reports every token and can be interrupted; SPEC §B.6).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -59,12 +60,16 @@ def qwen3_params(llm_config: dict) -> Qwen3Params:
     """Parse the checkpoint's ``llm_config``; features this Qwen3 does not implement are errors, not ignored."""
     if llm_config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"llm_config.hidden_act {llm_config['hidden_act']!r} is not supported: Qwen3 uses 'silu'")
-    rope_scaling = llm_config.get("rope_scaling") or {}
-    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) != "default":
-        raise ValueError(f"llm_config.rope_scaling {rope_scaling!r} is not supported: Ovis-U1 uses plain RoPE (null)")
+    # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters {rope_type, rope_theta}
+    rope = {**(llm_config.get("rope_scaling") or {}), **(llm_config.get("rope_parameters") or {})}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"llm_config.rope_scaling / rope_parameters {rope!r} is not supported: Ovis-U1 uses plain "
+                         "RoPE (rope_scaling null)")
     if llm_config.get("use_sliding_window"):
         raise ValueError("llm_config.use_sliding_window is true: Ovis-U1's Qwen3 uses full causal attention; set false")
     values = {f.name: llm_config[f.name] for f in fields(Qwen3Params) if llm_config.get(f.name) is not None}
+    if "rope_theta" in rope:
+        values.setdefault("rope_theta", rope["rope_theta"])
     values.setdefault("num_key_value_heads", values.get("num_attention_heads", Qwen3Params.num_attention_heads))
     params = Qwen3Params(**values)
     if params.num_attention_heads % params.num_key_value_heads:
@@ -99,13 +104,20 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     positions' device, multiplied with the positions by an fp32 matmul under disabled autocast, duplicated for the
     two halves, and cos/sin are cast to the activation dtype.
     """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / head_dim
-    inv_freq = (1.0 / (theta**exponent)).to(positions.device)
+    inv_freq = _inverse_frequencies(head_dim, theta, positions.device)
     device_type = positions.device.type if positions.device.type != "mps" else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
         freqs = (inv_freq[None, :, None].float() @ positions[None, None, :].float()).transpose(1, 2)
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """theta^(-2k/head_dim), formed on the CPU in float; cached per device (a normal tensor, usable in any mode)."""
+    with torch.inference_mode(False):
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / head_dim
+        return (1.0 / (theta**exponent)).to(device)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,12 @@ def test_unsupported_configs_are_named(change, needle):
         qwen3_params(dict(TINY, **change))
 
 
+def test_rope_theta_is_read_from_either_config_layout():
+    five = {k: v for k, v in TINY.items() if k not in ("rope_theta", "rope_scaling")}
+    five["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+    assert qwen3_params(five).rope_theta == 5e5 and qwen3_params(TINY).rope_theta == 1e6
+
+
 def test_unknown_attention_is_named():
     with pytest.raises(ValueError, match="attention"):
         build_llm(TINY, attention="fast")

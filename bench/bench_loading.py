@@ -1,0 +1,175 @@
+"""Loading benchmark: peak memory and seconds of ``load_model`` on the mid checkpoint, next to reading the file once.
+
+Every measurement runs in its own process. Per row it reports the RSS right after ``import torch``, the peak RSS
+while loading above it (the kernel's high-water mark, reset after the imports through /proc/self/clear_refs), the
+resident weight bytes (distinct tensors of the loaded model, in the dtypes they end up in), that peak as a multiple
+of the weight bytes, the seconds of ``load_model``, and the RSS after one pass over every weight (memory-mapped
+weights only come in when first used). ``read`` rows time reading the whole file once in 16 MiB pieces, as
+``cat file > /dev/null`` does. ``cold`` rows first drop the file from the page cache (posix_fadvise DONTNEED),
+``warm`` rows read it once beforehand. Each load process first loads the tiny smoke model, so imports and
+first-call costs are not counted as loading. Rows are best of --repeat (wall seconds; "cpu s" is the process's
+user+sys time meanwhile, which is what counts on a machine shared with other jobs).
+
+    python bench/bench_loading.py CACHE_DIR                  # builds CACHE_DIR/ovis_u1_mid first if needed
+    python bench/bench_loading.py CACHE_DIR --root /work/main --repeat 3 --json out.json
+
+``--root`` loads with the ``ovis_u1`` of another checkout (e.g. to compare with an older loader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 16 << 20
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def read_once(path: Path) -> float:
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(CHUNK)
+        while fh.readinto(buf):
+            pass
+    return time.perf_counter() - start
+
+
+def prepare_cache(path: Path, cache: str) -> None:
+    if cache == "cold":
+        drop_from_page_cache(path)
+    else:
+        read_once(path)
+
+
+# ------------------------------------------------------------------------------------------ worker processes
+def worker_read(args) -> dict:
+    path = Path(args.path) / "model.safetensors"
+    prepare_cache(path, args.cache)
+    cpu = cpu_seconds()
+    seconds = read_once(path)
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "file_bytes": path.stat().st_size}
+
+
+def worker_load(args) -> dict:
+    import torch
+
+    rss_torch = rss_bytes()
+    sys.path.insert(0, args.root)
+    from ovis_u1.model import load_model
+
+    # Warm-up on the tiny smoke model: imports and first-call costs (transformers' tokenizer machinery, torch's
+    # meta-device paths) are paid once per process, not per checkpoint, so they are not counted as loading.
+    load_model(Path(args.path).parent / "smoke", device="cpu", dtype=torch.bfloat16)
+
+    path = Path(args.path)
+    prepare_cache(path / "model.safetensors", args.cache)
+    rss_before = rss_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    start, cpu = time.perf_counter(), cpu_seconds()
+    model = load_model(path, device="cpu", dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    peak = rss_bytes("VmHWM")
+    tensors = {t.untyped_storage().data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    weight_bytes = sum(t.untyped_storage().nbytes() for t in tensors.values())
+    with torch.no_grad():
+        for t in tensors.values():
+            t.float().sum()
+    return {
+        "rss_after_import_torch": rss_torch, "rss_before_load": rss_before, "peak_rss": peak,
+        "peak_above_torch": peak - rss_torch, "weight_bytes": weight_bytes,
+        "peak_over_weights": (peak - rss_torch) / weight_bytes, "seconds": seconds, "cpu_seconds": cpu,
+        "rss_after_touch_above_torch": rss_bytes() - rss_torch,
+        "file_bytes": (path / "model.safetensors").stat().st_size,
+    }
+
+
+def run_worker(kind: str, path: Path, root: str, dtype: str = "", cache: str = "cold") -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--root", root, "--cache", cache]
+    if dtype:
+        cmd += ["--dtype", dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------- report
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cache_dir", nargs="?", help="where the mid checkpoint is (built if missing)")
+    parser.add_argument("--root", default=str(ROOT), help="checkout whose ovis_u1 loads the checkpoint")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--caches", default="cold,warm")
+    parser.add_argument("--json")
+    parser.add_argument("--worker", choices=["read", "load"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache", choices=["cold", "warm"], default="cold", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker_read(args) if args.worker == "read" else worker_load(args)))
+        return
+    if not args.cache_dir:
+        parser.error("CACHE_DIR is required")
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from mid_checkpoint import build_mid_checkpoint
+
+    path = build_mid_checkpoint(args.cache_dir)
+    if not (Path(args.cache_dir) / "smoke" / "config.json").is_file():
+        from ovis_u1.smoke import build_smoke_model
+
+        build_smoke_model(Path(args.cache_dir) / "smoke")
+    gib = 1 << 30
+    rows = []
+    for cache in args.caches.split(","):
+        for kind, dtype in (("read", ""), ("load", "bf16"), ("load", "fp32")):
+            runs = [run_worker(kind, path, args.root, dtype, cache) for _ in range(args.repeat)]
+            best = min(runs, key=lambda r: r["seconds"])
+            best["peak_rss_max"] = max(r.get("peak_rss", 0) for r in runs)
+            rows.append({"what": f"{kind} {'fp32→' + dtype if dtype else 'file once'}", "cache": cache, **best})
+    print(f"checkpoint {path} ({rows[0]['file_bytes'] / gib:.2f} GiB fp32), loader from {args.root}")
+    print(f"{'what':<16} {'cache':<5} {'s':>6} {'s/GiB':>6} {'cpu s':>6} {'torch RSS':>9} {'peak-torch':>10} {'weights':>8} "
+          f"{'ratio':>5} {'touched':>8}")
+    for r in rows:
+        per_gib = r["seconds"] / (r["file_bytes"] / gib)
+        if "weight_bytes" in r:
+            mem = (f"{r['rss_after_import_torch'] / gib:>8.2f}G {r['peak_above_torch'] / gib:>9.2f}G "
+                   f"{r['weight_bytes'] / gib:>7.2f}G {r['peak_over_weights']:>5.2f} "
+                   f"{r['rss_after_touch_above_torch'] / gib:>7.2f}G")
+        else:
+            mem = ""
+        print(f"{r['what']:<16} {r['cache']:<5} {r['seconds']:>6.2f} {per_gib:>6.2f} {r['cpu_seconds']:>6.2f} {mem}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
