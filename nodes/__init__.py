@@ -10,6 +10,7 @@ from .generate import (
     OvisU1VAEEncode,
 )
 from .loader import OvisU1ModelLoader
+from .native import OvisU1Scheduler
 from .understand import OvisU1Understand
 
 comfy_bridge.register_model_folder()
@@ -23,6 +24,7 @@ NODE_CLASS_MAPPINGS = {
     "OvisU1Sampler": OvisU1Sampler,
     "OvisU1VAEDecode": OvisU1VAEDecode,
     "OvisU1VAEEncode": OvisU1VAEEncode,
+    "OvisU1Scheduler": OvisU1Scheduler,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -34,6 +36,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OvisU1Sampler": "Ovis-U1 MMDiT Sampler",
     "OvisU1VAEDecode": "Ovis-U1 VAE Decode",
     "OvisU1VAEEncode": "Ovis-U1 VAE Encode",
+    "OvisU1Scheduler": "Ovis-U1 Scheduler",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -4,17 +4,19 @@ and VAE Encode. The nodes only adapt types; all model logic is in ``ovis_u1``.""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from ovis_u1 import Condition, EditContext, OvisU1InputError, Refined
 from ovis_u1.model import MAX_CFG, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 from ovis_u1.sampling import unpack_latents
+from ovis_u1.vae import latent_to_vae
 
 from . import comfy_bridge as bridge
+from . import estimates
 from .image import check_finite, from_decoded, from_pil, to_pil, to_vae_pixels
 from .loader import MODEL_TYPE
+from .native import conditioning_layout
 
 CONDITION_TYPE = "OVIS_U1_CONDITION"
 REFINED_TYPE = "OVIS_U1_REFINED"
@@ -22,9 +24,6 @@ CONTEXT_TYPE = "OVIS_U1_CONTEXT"
 MODES = {"text-to-image": "t2i", "edit": "edit"}
 SHIFT = {"config": None, "on": True, "off": False}
 
-# Activation memory reserved for the passes (bytes); ComfyUI offloads other models when it runs short.
-CONDITION_MEMORY = 3 * 1024**3 // 2  # one LLM pass over 2–3 sequences of ≤ 2048 tokens + the visual encoder
-REFINER_MEMORY = 512 * 1024**2
 
 MODEL_INPUT = (MODEL_TYPE, {"tooltip": "The Ovis-U1 model from 'Ovis-U1 Model Loader'."})
 
@@ -34,12 +33,41 @@ def _size_input(what: str) -> tuple:
                     "tooltip": f"{what} in pixels, a multiple of {SIZE_MULTIPLE}."})
 
 
-def _vae_decode_memory(latent_shape, dtype) -> int:  # ComfyUI's estimate for SDXL's AutoencoderKL (comfy/sd.py)
-    return 2178 * latent_shape[-2] * latent_shape[-1] * 64 * bridge.dtype_size(dtype)
+def _vae_decode_memory(latent_shape, dtype) -> int:
+    return estimates.vae_decode_memory(latent_shape[-2], latent_shape[-1], bridge.dtype_size(dtype))
 
 
 def _vae_encode_memory(pixel_shape, dtype) -> int:
-    return 1767 * pixel_shape[-2] * pixel_shape[-1] * bridge.dtype_size(dtype)
+    return estimates.vae_encode_memory(pixel_shape[-2], pixel_shape[-1], bridge.dtype_size(dtype))
+
+
+def _compute_dtype(model) -> torch.dtype:
+    return getattr(model, "dtype", None) or torch.float32
+
+
+def _condition_memory(model, mode: str, width, height) -> int:
+    """Activation estimate of Encode Condition (see ``estimates.condition_memory``): the condition image is resized
+    to the preprocessor's pixel budget, and every branch carries its visual tokens plus the prompt."""
+    p = model.model.params
+    pixels = p.preprocess.max_pixels if hasattr(p, "preprocess") else 1024 * 1024
+    if isinstance(width, int) and isinstance(height, int):
+        pixels = min(pixels, width * height)
+    patches = max(1, pixels // p.vision.patch_size**2)
+    text = min(p.multimodal_max_length, patches // p.vision.hidden_stride**2 + 512)
+    llm = p.llm_config
+    return estimates.condition_memory(
+        llm.get("hidden_size", p.hidden_size), llm.get("intermediate_size", 4 * p.hidden_size),
+        llm.get("num_attention_heads", 16), p.vision.hidden_size, p.vision.intermediate_size, p.vision.num_heads,
+        3 if mode == "edit" else 2, text, patches, bridge.dtype_size(_compute_dtype(model)),
+    )
+
+
+def _refiner_memory(model, condition: Condition) -> int:
+    p = model.model.params.mmdit
+    tokens = sum(states.shape[1] for states in condition.branches.values())
+    return estimates.transformer_block_memory(tokens, p.hidden_size, 2 * int(p.hidden_size * p.mlp_ratio),
+                                              p.num_heads, bridge.dtype_size(_compute_dtype(model)),
+                                              score_tokens=max(s.shape[1] for s in condition.branches.values()))
 
 
 def _vae_dtype(ovis) -> torch.dtype:
@@ -53,9 +81,16 @@ class OvisU1EncodeCondition:
         "unconditional; edit: prompt, image-only and unconditional)."
     )
     CATEGORY = "Ovis-U1"
-    RETURN_TYPES = (CONDITION_TYPE,)
-    RETURN_NAMES = ("condition",)
-    OUTPUT_TOOLTIPS = ("The LLM conditioning of every CFG branch, for 'Ovis-U1 Refiner'.",)
+    RETURN_TYPES = (CONDITION_TYPE, "CONDITIONING", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("condition", "positive", "middle", "negative")
+    OUTPUT_TOOLTIPS = (
+        "The LLM conditioning of every CFG branch, for 'Ovis-U1 Refiner'.",
+        "Core CONDITIONING of the prompt branch (cond), for the diffusion_model of the loader: CFGGuider / "
+        "KSampler positive, DualCFGGuider cond1. An edit carries the context latent when 'context' is connected.",
+        "Core CONDITIONING of the image-only branch of an edit (no_txt, with the context latent): DualCFGGuider "
+        "cond2. Text-to-image has none: the same as negative.",
+        "Core CONDITIONING of the unconditional branch (no_both): negative of CFGGuider / KSampler / DualCFGGuider.",
+    )
     FUNCTION = "encode"
 
     @classmethod
@@ -80,19 +115,38 @@ class OvisU1EncodeCondition:
                     "tooltip": "The image to edit (one image; edit mode only, ignored for text-to-image). Connect the "
                                "same image as to 'Ovis-U1 Edit Context Encoder', or its resized output.",
                 }),
+                "context": (CONTEXT_TYPE, {
+                    "tooltip": "Edit only, for the core CONDITIONING outputs: the edit context from 'Ovis-U1 Edit "
+                               "Context Encoder', attached to positive and middle as a reference latent (the "
+                               "pack's own sampler takes it on its own input instead).",
+                }),
             },
         }
 
-    def encode(self, model, prompt, mode="text-to-image", width=1024, height=1024, image=None):
+    def encode(self, model, prompt, mode="text-to-image", width=1024, height=1024, image=None, context=None):
         if mode not in MODES:
             raise OvisU1InputError(f"mode {mode!r} is unknown: use one of {', '.join(MODES)}")
         mode = MODES[mode]
         source = to_pil(image, "image") if mode == "edit" and image is not None else None
-        ovis = model.use("llm", CONDITION_MEMORY)
+        ovis = model.use("llm", _condition_memory(model, mode, width, height))
         condition = ovis.encode_condition(prompt, mode, image=source, width=width, height=height)
         device = bridge.intermediate_device()
         branches = {name: states.to(device) for name, states in condition.branches.items()}
-        return (dataclasses.replace(condition, branches=branches),)
+        condition = dataclasses.replace(condition, branches=branches)
+        reference = None
+        if mode == "edit" and context is not None:
+            if (context.width, context.height) != (condition.width, condition.height):
+                raise OvisU1InputError(
+                    f"context: the context is {context.width}×{context.height} but the condition was encoded for "
+                    f"{condition.width}×{condition.height}: encode both from the same image"
+                )
+            latent = unpack_latents(context.tokens.float(), context.height, context.width)
+            reference = latent_to_vae(latent, model.model.params.vae).to(device)
+        elif mode == "edit":
+            bridge.log.info("Ovis-U1: edit condition without context: the core CONDITIONING outputs carry no "
+                            "reference latent (connect 'context', or attach one with ReferenceLatent)")
+        native = conditioning_layout(condition, reference)
+        return (condition, native["positive"], native["middle"], native["negative"])
 
 
 class OvisU1Refiner:
@@ -116,7 +170,7 @@ class OvisU1Refiner:
         }
 
     def refine(self, model, condition: Condition):
-        ovis = model.use("mmdit", REFINER_MEMORY)
+        ovis = model.use("mmdit", _refiner_memory(model, condition))
         refined = ovis.refine(condition)
         device = bridge.intermediate_device()
         branches = {name: (tokens.to(device), pooled.to(device)) for name, (tokens, pooled) in refined.branches.items()}
@@ -129,11 +183,13 @@ class OvisU1EditContextEncoder:
         "the latent tokens the MMDiT attends to. The resized image is returned too."
     )
     CATEGORY = "Ovis-U1"
-    RETURN_TYPES = (CONTEXT_TYPE, "IMAGE")
-    RETURN_NAMES = ("context", "resized_image")
+    RETURN_TYPES = (CONTEXT_TYPE, "IMAGE", "LATENT")
+    RETURN_NAMES = ("context", "resized_image", "latent")
     OUTPUT_TOOLTIPS = (
-        "The edit context, for the context input of 'Ovis-U1 MMDiT Sampler'.",
+        "The edit context, for the context input of 'Ovis-U1 MMDiT Sampler' (and of 'Ovis-U1 Encode Condition' "
+        "for its core CONDITIONING outputs).",
         "The image at the edit size (the size of the result); wire it into 'Ovis-U1 Encode Condition'.",
+        "An empty latent at the edit size, for the native path's KSampler / SamplerCustomAdvanced.",
     )
     FUNCTION = "encode"
 
@@ -156,18 +212,19 @@ class OvisU1EditContextEncoder:
         width, height = model.model.edit_size(source)
         ovis = model.use("vae", _vae_encode_memory((height, width), torch.float32))
         context = ovis.encode_context(source, seed=seed)
-        context = dataclasses.replace(context, tokens=context.tokens.to(bridge.intermediate_device()))
-        return (context, from_pil(context.image))
+        device = bridge.intermediate_device()
+        context = dataclasses.replace(context, tokens=context.tokens.to(device))
+        channels = model.model.params.vae.latent_channels
+        empty = torch.zeros(1, channels, context.height // 8, context.width // 8, device=device)
+        return (context, from_pil(context.image), {"samples": empty})
 
 
-def _sampling_memory(ovis, refined: Refined, width: int, height: int, with_context: bool) -> int:
-    """Rough activation memory of one guided MMDiT step: every branch's text + image (+ context) tokens through an
-    MLP of mlp_ratio × hidden, in the MMDiT's dtype."""
-    p = ovis.params.mmdit
-    image_tokens = math.ceil(height / 16) * math.ceil(width / 16) * (2 if with_context else 1)
-    tokens = sum(tokens.shape[1] + image_tokens for tokens, _ in refined.branches.values())
-    dtype = next(ovis.mmdit.parameters()).dtype
-    return int(tokens * p.hidden_size * (p.mlp_ratio + 4) * 2 * bridge.dtype_size(dtype)) + 256 * 1024**2
+def _sampling_memory(model, refined: Refined, width: int, height: int, with_context: bool) -> int:
+    """Activation memory of one guided MMDiT step: every branch's text + image (+ context) tokens in one batch."""
+    p = model.model.params.mmdit
+    text = max(tokens.shape[1] for tokens, _ in refined.branches.values())
+    return estimates.sampling_memory(p.hidden_size, p.mlp_ratio, p.num_heads, len(refined.branches), text, width,
+                                     height, with_context, bridge.dtype_size(_compute_dtype(model)))
 
 
 class OvisU1Sampler:
@@ -233,7 +290,7 @@ class OvisU1Sampler:
                                refined.width, refined.height)
         memory = 0
         if isinstance(width, int) and isinstance(height, int):  # else ovis.sample explains what is wrong
-            memory = _sampling_memory(model.model, refined, width, height, context is not None)
+            memory = _sampling_memory(model, refined, width, height, context is not None)
         progress = bridge.Progress(steps, latent_preview=True)
 
         def callback(done, total, x, denoised):
@@ -273,7 +330,7 @@ class OvisU1VAEDecode:
                 f"samples: expected an SDXL-VAE latent [B, {channels}, H/8, W/8], got {shape}; connect the output of "
                 "'Ovis-U1 MMDiT Sampler' or 'Ovis-U1 VAE Encode'"
             )
-        check_finite(latent, "samples")  # badinput: NaN/inf latents are an error naming the input
+        check_finite(latent, "samples")  # NaN/inf latents are an error naming the input
         ovis = model.use("vae", _vae_decode_memory(latent.shape, _vae_dtype(model.model)))
         progress = bridge.Progress(latent.shape[0])
         images = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ovis_u1 import CheckpointError, load_model
+from ovis_u1 import CheckpointError
 
 from . import comfy_bridge as bridge
 
@@ -26,12 +26,18 @@ class OvisU1ModelLoader:
     DESCRIPTION = (
         "Loads an Ovis-U1 checkpoint folder (Hugging Face layout, e.g. AIDC-AI/Ovis-U1-3B) from models/ovis_u1. "
         "Nothing is downloaded. The model joins ComfyUI's memory management in three parts (LLM + visual encoder, "
-        "MMDiT, VAE), each moved to the GPU only while a node uses it."
+        "MMDiT, VAE), each moved to the GPU only while a node uses it, partially when it does not fit. Also returns "
+        "the MMDiT as a core MODEL and the VAE as a core VAE for ComfyUI's own sampler and VAE nodes."
     )
     CATEGORY = "Ovis-U1"
-    RETURN_TYPES = (MODEL_TYPE,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The Ovis-U1 model, for every other Ovis-U1 node.",)
+    RETURN_TYPES = (MODEL_TYPE, "MODEL", "VAE")
+    RETURN_NAMES = ("model", "diffusion_model", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The Ovis-U1 model, for every other Ovis-U1 node.",
+        "The MMDiT as a core MODEL (same weights) for KSampler, SamplerCustomAdvanced, guiders, EasyCache, ...; "
+        "condition it with the CONDITIONING outputs of 'Ovis-U1 Encode Condition'.",
+        "The checkpoint's VAE as a core VAE (fp32) for VAEDecode, VAEDecodeTiled and VAEEncode.",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -53,6 +59,12 @@ class OvisU1ModelLoader:
                     "tooltip": "Attention kernel. auto: flash-attn when installed and on a CUDA GPU, else PyTorch "
                                "SDPA. flash_attn requires the flash-attn package.",
                 }),
+                "weight_dtype": (list(bridge.WEIGHT_DTYPES), {
+                    "default": "default",
+                    "tooltip": "Storage precision of the LLM, visual encoder and MMDiT weights. fp8_e4m3fn / "
+                               "fp8_e5m2 halve their memory (compute stays in dtype; small quality cost, see "
+                               "README). The VAE is never stored in fp8.",
+                }),
             }
         }
 
@@ -63,7 +75,7 @@ class OvisU1ModelLoader:
             return _missing_model_message(model)
         return True
 
-    def load(self, model: str, dtype: str = "auto", attention: str = "auto"):
+    def load(self, model: str, dtype: str = "auto", attention: str = "auto", weight_dtype: str = "default"):
         path = bridge.resolve_model(model)
         if path is None:
             raise CheckpointError(_missing_model_message(model))
@@ -71,9 +83,15 @@ class OvisU1ModelLoader:
             raise CheckpointError(f"dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
         if attention not in ATTENTION:
             raise CheckpointError(f"attention {attention!r} is unknown: use one of {', '.join(ATTENTION)}")
+        if weight_dtype not in bridge.WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"weight_dtype {weight_dtype!r} is unknown: use one of {', '.join(bridge.WEIGHT_DTYPES)}"
+            )
+        storage = bridge.WEIGHT_DTYPES[weight_dtype]
         torch_dtype = DTYPES[dtype] or bridge.auto_dtype()
         try:
-            ovis = load_model(path, device=bridge.offload_device(), dtype=torch_dtype, attention=attention)
+            ovis = bridge.load_ovis(path, torch_dtype, weight_dtype=storage, attention=attention)
         except CheckpointError as e:
             raise CheckpointError(f"model {model!r}: {e}") from e
-        return (bridge.ManagedModel(ovis, attention=attention, name=model),)
+        managed = bridge.ManagedModel(ovis, attention=attention, name=model, dtype=torch_dtype, weight_dtype=storage)
+        return (managed, managed.core_model, managed.core_vae)

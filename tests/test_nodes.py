@@ -78,7 +78,7 @@ def save_uint8(image: torch.Tensor) -> torch.Tensor:
 
 def t2i(model, seed=None, **sampler):
     p = case_params("t2i")
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
                        width=p["width"], height=p["height"])
     (refined,) = run("OvisU1Refiner", model=model, condition=condition)
     sampler = {"width": p["width"], "height": p["height"], "steps": p["steps"], "txt_cfg": p["txt_cfg"],
@@ -91,7 +91,7 @@ def t2i(model, seed=None, **sampler):
 def edit_inputs(model, image=None):
     p = case_params("edit")
     image = load_image(TINY_A / "cases" / "edit" / "input.png") if image is None else image
-    context, resized = run("OvisU1EditContextEncoder", model=model, image=image, seed=p["vae_sample_seed"])
+    context, resized, _ = run("OvisU1EditContextEncoder", model=model, image=image, seed=p["vae_sample_seed"])
     return context, resized
 
 
@@ -99,7 +99,7 @@ def edit(model, encode_image="resized", **sampler):
     p = case_params("edit")
     context, resized = edit_inputs(model)
     source = resized if encode_image == "resized" else load_image(TINY_A / "cases" / "edit" / "input.png")
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
     (refined,) = run("OvisU1Refiner", model=model, condition=condition)
     sampler = {"steps": p["steps"], "txt_cfg": p["txt_cfg"], "img_cfg": p["img_cfg"], "seed": p["seed"], **sampler}
     (latent,) = run("OvisU1Sampler", model=model, refined=refined, context=context, **sampler)
@@ -146,7 +146,7 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(models_dir):
     """Loaded once per module through the loader node, with its default dtype and attention."""
-    (model,) = run("OvisU1ModelLoader", model="tiny_a")
+    model, *_ = run("OvisU1ModelLoader", model="tiny_a")
     return model
 
 
@@ -223,6 +223,34 @@ def test_loader_errors_name_the_input_and_the_fix(models_dir, model, name, expec
 def test_loader_rejects_unknown_options(models_dir):
     with pytest.raises(CheckpointError, match="dtype 'fp8'"):
         run("OvisU1ModelLoader", model="tiny_a", dtype="fp8")
+    with pytest.raises(CheckpointError, match="weight_dtype 'fp4'.*fp8_e4m3fn"):
+        run("OvisU1ModelLoader", model="tiny_a", weight_dtype="fp4")
+
+
+def test_loader_core_outputs_need_comfyui(models_dir):
+    """Outside ComfyUI there is no core MODEL or VAE to make; the pack's own nodes still get the model."""
+    model, core_model, core_vae = run("OvisU1ModelLoader", model="tiny_a")
+    assert core_model is None and core_vae is None and model.patchers == {}
+
+
+def test_edit_outputs_for_the_native_path(model):
+    """Encode Condition's CONDITIONING carries the context's raw VAE latent on positive and middle (not negative);
+    the Edit Context Encoder's latent is empty at the edit size."""
+    p = case_params("edit")
+    context, resized, empty = run("OvisU1EditContextEncoder", model=model,
+                                  image=load_image(TINY_A / "cases" / "edit" / "input.png"), seed=p["vae_sample_seed"])
+    assert empty["samples"].shape == (1, 4, context.height // 8, context.width // 8) and not empty["samples"].any()
+    condition, positive, middle, negative = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit",
+                                                image=resized, context=context)
+    reference = positive[0][1]["reference_latents"][0]
+    assert middle[0][1]["reference_latents"][0] is reference and "reference_latents" not in negative[0][1]
+    assert positive[0][0] is condition.branches["cond"] and middle[0][0] is condition.branches["no_txt"]
+    assert negative[0][0] is condition.branches["no_both"]
+    # scaled and packed as the model does it (latent format, 2×2 patches), it is the official context
+    from ovis_u1.sampling import pack_latents
+
+    scale = model.model.params.vae.scaling_factor
+    assert_golden(pack_latents(reference * scale), tensors("edit")["context.tokens"], "context.tokens")
 
 
 # ------------------------------------------------------------------------------------------------ the goldens
@@ -350,7 +378,7 @@ def test_bad_sizes(model, node, size, match):
 def test_edit_sampler_needs_a_matching_context(model):
     p = case_params("edit")
     source = load_image(TINY_A / "cases" / "edit" / "input.png")
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
     (refined,) = run("OvisU1Refiner", model=model, condition=condition)
     with pytest.raises(OvisU1InputError, match="Edit Context Encoder"):
         run("OvisU1Sampler", model=model, refined=refined, steps=1)
@@ -358,7 +386,7 @@ def test_edit_sampler_needs_a_matching_context(model):
     assert (wrong.width, wrong.height) != (condition.width, condition.height)
     with pytest.raises(OvisU1InputError, match="context is .* same image"):
         run("OvisU1Sampler", model=model, refined=refined, context=wrong, steps=1)
-    (t2i_condition,) = run("OvisU1EncodeCondition", model=model, prompt="a cat", width=64, height=64)
+    t2i_condition, *_ = run("OvisU1EncodeCondition", model=model, prompt="a cat", width=64, height=64)
     (t2i_refined,) = run("OvisU1Refiner", model=model, condition=t2i_condition)
     context, _ = edit_inputs(model)
     with pytest.raises(OvisU1InputError, match="takes no context"):

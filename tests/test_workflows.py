@@ -28,7 +28,8 @@ from tests.pack import ROOT, import_pack
 from tests.golden import CHECKPOINT, TINY_A, requires_golden
 
 WORKFLOWS = ROOT / "workflows"
-NAMES = ("text_to_image", "image_edit", "image_understanding", "multi_image_understanding", "canny_to_image")
+NAMES = ("text_to_image", "image_edit", "image_understanding", "multi_image_understanding", "canny_to_image",
+         "native_text_to_image", "native_image_edit")
 MODEL_FOLDER = "Ovis-U1-3B"
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -62,7 +63,40 @@ CORE_NODES = {
         "high_threshold": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 0.99, "step": 0.01}),
     }}, ("IMAGE",)),
     "Note": CoreNode({"required": {"text": ("STRING", {"multiline": True})}}),
+    # the native path: ComfyUI's own latent, sampling and VAE nodes (inputs as in 0.3.64 and 0.18.1)
+    "EmptyLatentImage": CoreNode({"required": {
+        "width": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+        "height": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+        "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+    }}, ("LATENT",)),
+    "CFGGuider": CoreNode({"required": {
+        "model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+    }}, ("GUIDER",)),
+    "DualCFGGuider": CoreNode({"required": {
+        "model": ("MODEL",), "cond1": ("CONDITIONING",), "cond2": ("CONDITIONING",), "negative": ("CONDITIONING",),
+        "cfg_conds": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+        "cfg_cond2_negative": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+        "style": (["regular", "nested"],),
+    }}, ("GUIDER",)),
+    "KSamplerSelect": CoreNode({"required": {"sampler_name": (["euler", "dpmpp_2m", "res_multistep"],)}},
+                               ("SAMPLER",)),
+    "RandomNoise": CoreNode({"required": {"noise_seed": ("INT", {
+        "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True})}}, ("NOISE",)),
+    "SamplerCustomAdvanced": CoreNode({"required": {
+        "noise": ("NOISE",), "guider": ("GUIDER",), "sampler": ("SAMPLER",), "sigmas": ("SIGMAS",),
+        "latent_image": ("LATENT",),
+    }}, ("LATENT", "LATENT")),
+    "VAEDecode": CoreNode({"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",)),
+    "EasyCache": CoreNode({"required": {
+        "model": ("MODEL",),
+        "reuse_threshold": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 3.0, "step": 0.01}),
+        "start_percent": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.01}),
+        "end_percent": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 1.0, "step": 0.01}),
+        "verbose": ("BOOLEAN", {"default": False}),
+    }}, ("MODEL",)),
 }
+NATIVE = ("native_text_to_image", "native_image_edit")  # run by the in-ComfyUI tests (core sampling needs ComfyUI)
 # COMBOs whose options are files or folders on disk: checked by value below, not against a list.
 DISK_COMBOS = {("LoadImage", "image"), ("OvisU1ModelLoader", "model")}
 
@@ -79,6 +113,19 @@ EXPECTED_WIDGETS = {
     "canny_to_image": {"OvisU1EncodeCondition": {"mode": "edit"}, "OvisU1Sampler": EDIT_SAMPLER},
     "image_understanding": {"OvisU1Understand": {"do_sample": False}},
     "multi_image_understanding": {"OvisU1Understand": {"do_sample": False}},
+    "native_text_to_image": {
+        "OvisU1EncodeCondition": {"mode": "text-to-image", "width": 1024, "height": 1024},
+        "EmptyLatentImage": {"width": 1024, "height": 1024, "batch_size": 2},
+        "OvisU1Scheduler": {"width": 1024, "height": 1024, "steps": 50, "timestep_shift": "config", "denoise": 1.0},
+        "CFGGuider": {"cfg": 5.0}, "KSamplerSelect": {"sampler_name": "euler"},
+        "RandomNoise": {"noise_seed": 42, "noise_seed:control": "fixed"},
+    },
+    "native_image_edit": {
+        "OvisU1EncodeCondition": {"mode": "edit"},
+        "OvisU1Scheduler": {"steps": 50, "timestep_shift": "config", "denoise": 1.0},
+        "DualCFGGuider": {"cfg_conds": 6.0, "cfg_cond2_negative": 1.5, "style": "regular"},
+        "KSamplerSelect": {"sampler_name": "euler"}, "RandomNoise": {"noise_seed": 42, "noise_seed:control": "fixed"},
+    },
 }
 EVERY_WORKFLOW_WIDGETS = {
     "OvisU1ModelLoader": {"model": MODEL_FOLDER, "dtype": "auto", "attention": "auto"},
@@ -106,6 +153,27 @@ EXPECTED_LINKS = {
         ("OvisU1Sampler", 0, "OvisU1VAEDecode", "samples"), ("OvisU1VAEDecode", 0, "SaveImage", "images"),
     ],
     "image_understanding": [("LoadImage", 0, "OvisU1Understand", "image")],
+    "native_text_to_image": [
+        ("OvisU1ModelLoader", 1, "CFGGuider", "model"), ("OvisU1EncodeCondition", 1, "CFGGuider", "positive"),
+        ("OvisU1EncodeCondition", 3, "CFGGuider", "negative"), ("CFGGuider", 0, "SamplerCustomAdvanced", "guider"),
+        ("OvisU1Scheduler", 0, "SamplerCustomAdvanced", "sigmas"),
+        ("EmptyLatentImage", 0, "SamplerCustomAdvanced", "latent_image"),
+        ("SamplerCustomAdvanced", 0, "VAEDecode", "samples"), ("OvisU1ModelLoader", 2, "VAEDecode", "vae"),
+        ("VAEDecode", 0, "SaveImage", "images"),
+    ],
+    "native_image_edit": [
+        ("LoadImage", 0, "OvisU1EditContextEncoder", "image"),
+        ("OvisU1EditContextEncoder", 1, "OvisU1EncodeCondition", "image"),
+        ("OvisU1EditContextEncoder", 0, "OvisU1EncodeCondition", "context"),
+        ("OvisU1EditContextEncoder", 2, "OvisU1Scheduler", "latent"),
+        ("OvisU1EditContextEncoder", 2, "SamplerCustomAdvanced", "latent_image"),
+        ("OvisU1ModelLoader", 1, "EasyCache", "model"), ("EasyCache", 0, "DualCFGGuider", "model"),
+        ("OvisU1EncodeCondition", 1, "DualCFGGuider", "cond1"), ("OvisU1EncodeCondition", 2, "DualCFGGuider", "cond2"),
+        ("OvisU1EncodeCondition", 3, "DualCFGGuider", "negative"),
+        ("DualCFGGuider", 0, "SamplerCustomAdvanced", "guider"),
+        ("SamplerCustomAdvanced", 0, "VAEDecode", "samples"), ("OvisU1ModelLoader", 2, "VAEDecode", "vae"),
+        ("VAEDecode", 0, "SaveImage", "images"),
+    ],
     "multi_image_understanding": [
         ("LoadImage", 0, "ImageBatch", "image1"), ("LoadImage", 0, "ImageBatch", "image2"),
         ("ImageBatch", 0, "OvisU1Understand", "image"),
@@ -327,6 +395,11 @@ def test_workflow_is_wired_as_described(name):
             if inp["type"] == "OVIS_U1_MODEL":
                 assert inp["link"] is not None and by_id[next(
                     link[1] for link in graph["links"] if link[0] == inp["link"])] is loader, node["type"]
+    if name == "native_text_to_image":  # the canvas the LLM sees is the size sampled and scheduled
+        condition = widget_values(nodes_of(graph, "OvisU1EncodeCondition")[0])
+        for other in ("EmptyLatentImage", "OvisU1Scheduler"):
+            values = widget_values(nodes_of(graph, other)[0])
+            assert (condition["width"], condition["height"]) == (values["width"], values["height"]), other
     if name == "text_to_image":
         condition = widget_values(nodes_of(graph, "OvisU1EncodeCondition")[0])
         sampler = widget_values(nodes_of(graph, "OvisU1Sampler")[0])

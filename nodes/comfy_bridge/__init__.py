@@ -1,10 +1,11 @@
-"""The only module of the pack that touches ComfyUI internals.
+"""The only package of the pack that touches ComfyUI internals.
 
 Every use is optional: without ComfyUI (CI, a plain Python shell) model folders come from
 ``ovis_u1.checkpoint.default_model_roots`` ($OVIS_U1_MODELS_DIR, ./models/ovis_u1, the surrounding ComfyUI's),
-everything runs on the CPU in fp32, and there is no progress bar, no preview and no interruption. Inside ComfyUI the three parts of a loaded model (LLM + visual encoder, MMDiT, VAE) are wrapped in
-ModelPatchers, so ComfyUI's model management moves them to the GPU when a node needs them and offloads or frees
-them when another model needs the memory (or after an out-of-memory error).
+everything runs on the CPU in fp32, and there is no progress bar, no preview and no interruption. Inside ComfyUI the three parts of a loaded model (LLM + visual encoder, MMDiT, VAE) are built from ComfyUI's
+operations (``comfy.ops``) and wrapped in patchers (``memory``), so ComfyUI's model management moves them to the GPU
+when a node needs them, loads them partially and streams the rest when they do not fit, and offloads or frees them
+when another model needs the memory. ``native`` makes the MMDiT a core MODEL and the VAE a core VAE.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ovis_u1.checkpoint import default_model_roots, find_model_dirs
 
@@ -86,70 +86,6 @@ def auto_dtype() -> torch.dtype:
     return mm.unet_dtype(load_device(), supported_dtypes=[torch.bfloat16, torch.float32])
 
 
-# ------------------------------------------------------------------------------------------ memory management
-class OvisU1LLM(nn.Module):
-    """The language model, visual encoder and visual embedding table (shared with the OvisU1 module)."""
-
-
-class OvisU1MMDiT(nn.Module):
-    """The MMDiT with its token refiner."""
-
-
-class OvisU1VAE(nn.Module):
-    """The SDXL-style VAE."""
-
-
-def _parts(model) -> dict[str, nn.Module]:
-    def part(cls, **children):
-        module = cls()
-        for name, child in children.items():
-            module.add_module(name, child)  # the same module objects: moving the part moves the model's weights
-        return module
-
-    return {
-        "llm": part(OvisU1LLM, llm=model.llm, visual_tokenizer=model.visual_tokenizer, vte=model.vte),
-        "mmdit": part(OvisU1MMDiT, backbone=model.visual_generator.backbone),
-        "vae": part(OvisU1VAE, vae=model.visual_generator.vae),
-    }
-
-
-def _weight_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct tensors (tied weights count once)."""
-    seen = {t.data_ptr(): t.nelement() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
-    return sum(seen.values())
-
-
-class ManagedModel:
-    """What flows through an ``OVIS_U1_MODEL`` socket: the OvisU1 module, its attention choice, and (in ComfyUI) one
-    ModelPatcher per part."""
-
-    def __init__(self, model, attention: str = "auto", name: str = ""):
-        self.model = model
-        self.attention = attention
-        self.name = name
-        self.patchers = {}
-        if IN_COMFYUI:
-            for part, module in _parts(model).items():
-                self.patchers[part] = comfy.model_patcher.ModelPatcher(
-                    module, load_device=load_device(), offload_device=offload_device(part), size=_weight_bytes(module)
-                )
-
-    def use(self, part: str, memory_required: int = 0):
-        """Make ``part`` ready to run (on the GPU, when ComfyUI has one) and return the OvisU1 module.
-
-        ``memory_required`` (bytes of activations) lets ComfyUI offload other models first, the other parts of this
-        one included: the LLM is offloaded while the MMDiT samples unless there is room for both.
-        """
-        self.model.set_attention(self.attention)
-        patcher = self.patchers.get(part)
-        if patcher is not None:
-            mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
-        return self.model
-
-    def __repr__(self):
-        return f"OvisU1 model {self.name!r}"
-
-
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -195,3 +131,6 @@ class Progress:
         """Fill the bar (generation may stop before ``total``); never interrupts finished work."""
         if self.bar is not None:
             self.bar.update_absolute(self.total, self.total)
+
+
+from .memory import WEIGHT_DTYPES, ManagedModel, load_ovis  # noqa: E402  (needs the helpers above)

@@ -1,0 +1,128 @@
+"""A loaded Ovis-U1 under ComfyUI's model management, the way ComfyUI manages its own models.
+
+The library builds every weight-bearing layer from an ``operations`` namespace; inside ComfyUI that is the namespace
+ComfyUI would build a model of these dtypes with (``comfy.ops.pick_operations``: plain layers that can cast their
+weights on the fly, ``manual_cast`` when the weights are stored in another dtype than the one computed in, e.g. fp8).
+Layers of that kind are what ComfyUI's lowvram path (and 0.18.1's dynamic VRAM) can stream: a part that does not fit
+is loaded partially, the rest of its weights are cast to the device layer by layer as the forward reaches them.
+
+Each part gets its own patcher (``CoreModelPatcher`` where ComfyUI has it, so 0.18.1 swaps in its dynamic patcher on
+NVIDIA; ``ModelPatcher`` before) and is loaded by ``load_models_gpu`` with an activation estimate and *without*
+``force_full_load``, so ComfyUI decides between a full and a partial load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ovis_u1 import load_model
+
+from . import IN_COMFYUI, load_device, offload_device
+
+if IN_COMFYUI:
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+
+# The weight-storage choices of the loader, as ComfyUI's UNETLoader names them; None keeps the compute dtype.
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e5m2": "fp8_e5m2"}
+_TORCH_WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def patcher_class():
+    """The patcher ComfyUI wraps its own models in: ``CoreModelPatcher`` (0.18.1; ``main.py`` rebinds it to the
+    dynamic-VRAM patcher on NVIDIA, so it is looked up at call time) or ``ModelPatcher`` (older versions)."""
+    patchers = comfy.model_patcher
+    return getattr(patchers, "CoreModelPatcher", patchers.ModelPatcher)
+
+
+def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None):
+    """ComfyUI's operations for weights stored in ``weight_dtype`` (None: the compute dtype) and computed in
+    ``compute_dtype`` — the call ``comfy.model_base.BaseModel`` makes for its own diffusion models."""
+    storage = _TORCH_WEIGHT_DTYPES.get(weight_dtype, compute_dtype) if weight_dtype else compute_dtype
+    manual_cast = None if storage == compute_dtype else compute_dtype
+    ops = comfy.ops.pick_operations(storage, manual_cast, load_device=load_device())
+
+    class Operations(ops):
+        class Embedding(ops.Embedding):
+            """ComfyUI's cast Embedding returns its *stored* dtype (fp8) unless the caller passes ``out_dtype``, as
+            ComfyUI's own text encoders do; the library expects the compute dtype, as from every other layer."""
+
+            def forward(self, *args, **kwargs):
+                kwargs.setdefault("out_dtype", compute_dtype)
+                return super().forward(*args, **kwargs)
+
+    return Operations
+
+
+def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto"):
+    """``ovis_u1.load_model`` with ComfyUI's operations (inside ComfyUI) and the weight-storage choice, on the
+    offload device: ComfyUI moves each part to the GPU when a node uses it."""
+    kwargs = {}
+    if IN_COMFYUI:
+        kwargs["operations"] = comfy_operations(dtype, weight_dtype)
+    if weight_dtype is not None:
+        kwargs["weight_dtype"] = weight_dtype
+    return load_model(path, device=offload_device(), dtype=dtype, attention=attention, **kwargs)
+
+
+class OvisU1LLM(nn.Module):
+    """The language model, visual encoder and visual embedding table (shared with the OvisU1 module)."""
+
+
+def _container(cls, **children) -> nn.Module:
+    module = cls()
+    for name, child in children.items():
+        module.add_module(name, child)  # the same module objects: moving the part moves the model's weights
+    return module
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct tensors (tied weights count once)."""
+    seen = {t.data_ptr(): t.nelement() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
+    return sum(seen.values())
+
+
+class ManagedModel:
+    """What flows through an ``OVIS_U1_MODEL`` socket: the OvisU1 module, its attention choice, and (in ComfyUI) one
+    patcher per part. The MMDiT's patcher wraps the core MODEL (``native.OvisU1Native``) and the VAE's is the one of
+    the core VAE, so the pack's own nodes and ComfyUI's samplers and VAE nodes share one copy of the weights and one
+    record of where they are."""
+
+    def __init__(self, model, attention: str = "auto", name: str = "", dtype: torch.dtype | None = None,
+                 weight_dtype: str | None = None):
+        self.model = model
+        self.attention = attention
+        self.name = name
+        self.dtype = dtype or torch.float32
+        self.weight_dtype = weight_dtype
+        self.patchers = {}
+        self.core_model = None  # the MMDiT as a core MODEL (a patcher), inside ComfyUI
+        self.core_vae = None  # the VAE as a core VAE, inside ComfyUI
+        if IN_COMFYUI:
+            from .native import make_core_model, make_core_vae
+
+            llm = _container(OvisU1LLM, llm=model.llm, visual_tokenizer=model.visual_tokenizer, vte=model.vte)
+            self.patchers["llm"] = patcher_class()(
+                llm, load_device=load_device(), offload_device=offload_device(), size=weight_bytes(llm)
+            )
+            self.core_model = make_core_model(model, self.dtype, weight_dtype)
+            self.patchers["mmdit"] = self.core_model
+            self.core_vae = make_core_vae(model)
+            self.patchers["vae"] = self.core_vae.patcher
+
+    def use(self, part: str, memory_required: int = 0):
+        """Make ``part`` ready to run and return the OvisU1 module.
+
+        ``memory_required`` (bytes of activations) lets ComfyUI offload other models first, the other parts of this
+        one included, and load this part only partially when weights + activations do not fit.
+        """
+        self.model.set_attention(self.attention)
+        patcher = self.patchers.get(part)
+        if patcher is not None:
+            mm.load_models_gpu([patcher], memory_required=memory_required)
+        return self.model
+
+    def __repr__(self):
+        return f"OvisU1 model {self.name!r}"

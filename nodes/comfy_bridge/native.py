@@ -1,0 +1,257 @@
+"""Ovis-U1 as ComfyUI's own model types: the MMDiT as a core MODEL, the checkpoint's VAE as a core VAE.
+
+MODEL: a ``comfy.model_base.BaseModel`` whose diffusion model is the loaded MMDiT (the same module the pack's own
+sampler runs, not a copy). Flow matching as in FLUX (``CONST``: denoised = x − σ·v, so ComfyUI's Euler step is the
+official x ← x + (σ_next − σ)·v) with Ovis-U1's shift (none for Ovis-U1-3B, whose config turns it off; the resolution
+dependent one of the config's base/max shift otherwise, at 1024² by default and exactly per size through the Ovis-U1
+Scheduler node). The official starting noise is drawn in bf16; ComfyUI draws fp32 from the same generator, of which
+bf16 draws are the rounding, so the noise scaling rounds it: the same seed gives the official image.
+
+Conditioning: the LLM hidden states are the cross-attention input; the token refiner (time-independent) runs once
+per conditioning in ``extra_conds`` before sampling, never per step. The edit context arrives as ComfyUI's
+``reference_latents`` (raw VAE latents, scaled by the latent format), as FLUX Kontext and Qwen-Image-Edit take it.
+
+VAE: ``comfy.sd.VAE`` cannot build the checkpoint's VAE from its state dict when its widths are not SDXL's (the test
+checkpoints are tiny), so ``OvisU1CoreVAE`` is a ``comfy.sd.VAE`` whose first-stage model is the pack's own VAE;
+VAEDecode, VAEDecodeTiled and VAEEncode then run ComfyUI's own code on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.sd
+import comfy.supported_models_base
+
+from ovis_u1.sampling import pack_latents, unpack_latents
+
+from .. import estimates
+from . import load_device, offload_device
+from .memory import patcher_class, weight_bytes
+
+DEFAULT_SHIFT_TOKENS = 4096  # 1024×1024: the size the shift of KSampler's own schedulers is computed for
+
+
+def shift_mu(params, num_tokens: int = DEFAULT_SHIFT_TOKENS) -> float:
+    """FLUX's time-shift mu for ``num_tokens`` image tokens; 0 (no shift) when the checkpoint's config turns the
+    shift off. Equal to what ``ovis_u1.sampling.flow_schedule`` bends the times by."""
+    if not params.timestep_shift:
+        return 0.0
+    slope = (params.max_shift - params.base_shift) / (4096 - 256)
+    return slope * num_tokens + (params.base_shift - slope * 256)
+
+
+class OvisU1LatentFormat(comfy.latent_formats.SDXL):
+    """SDXL's latent format (previews, channel count) with the checkpoint's own scaling and shift factors."""
+
+    def __init__(self, scaling_factor: float = 0.13025, shift_factor: float | None = None):
+        super().__init__()
+        self.scale_factor = scaling_factor
+        self.shift_factor = shift_factor
+
+    def process_in(self, latent):
+        if self.shift_factor is not None:
+            latent = latent - self.shift_factor
+        return latent * self.scale_factor
+
+    def process_out(self, latent):
+        latent = latent / self.scale_factor
+        return latent if self.shift_factor is None else latent + self.shift_factor
+
+
+class OvisU1ModelSampling(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        # The official noise is torch.randn(..., dtype=bfloat16) from a seeded CPU generator: the bf16 rounding of
+        # the fp32 draw ComfyUI makes with the same generator.
+        return super().noise_scaling(sigma, noise.to(torch.bfloat16).to(noise.dtype), latent_image, max_denoise)
+
+
+class OvisU1ModelConfig(comfy.supported_models_base.BASE):
+    unet_config = {"image_model": "ovis_u1", "disable_unet_model_creation": True}
+    latent_format = comfy.latent_formats.SDXL
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    memory_usage_factor = 1.0
+
+    def __init__(self, ovis, compute_dtype: torch.dtype, storage_dtype: torch.dtype):
+        super().__init__(dict(self.unet_config))
+        vae = ovis.params.vae
+        self.latent_format = OvisU1LatentFormat(vae.scaling_factor, vae.shift_factor)
+        self.sampling_settings = {"shift": shift_mu(ovis.params.mmdit)}
+        self.manual_cast_dtype = None if storage_dtype == compute_dtype else compute_dtype
+
+
+class OvisU1DiffusionModel(nn.Module):
+    """ComfyUI's diffusion-model call ``(x, timestep, context, **conds)`` on the MMDiT: latents [B, 4, 2h, 2w] are
+    packed into 2×2 tokens, the edit context (``ref_latents``) is prepended as context tokens, the velocity is
+    unpacked back. Wrappers of ``WrappersMP.DIFFUSION_MODEL`` (EasyCache) see the latent as the first argument."""
+
+    def __init__(self, mmdit, dtype: torch.dtype):
+        super().__init__()
+        self.mmdit = mmdit
+        self.dtype = dtype
+
+    def forward(self, x, timestep, context, pooled=None, ref_latents=None, control=None, transformer_options={},
+                **kwargs):
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward,
+            self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                     transformer_options),
+        ).execute(x, timestep, context, pooled, ref_latents, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timestep, context, pooled=None, ref_latents=None, control=None, transformer_options={},
+                 **kwargs):
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(
+                f"Ovis-U1 needs width and height in multiples of 16 pixels; the latent is {x.shape[-1] * 8}×"
+                f"{x.shape[-2] * 8}: pick e.g. {round(x.shape[-1] / 2) * 16}×{round(x.shape[-2] / 2) * 16}"
+            )
+        height, width = x.shape[-2] * 8, x.shape[-1] * 8
+        tokens = pack_latents(x)
+        ctx = None
+        if ref_latents:
+            ctx = pack_latents(ref_latents[0].to(device=x.device, dtype=x.dtype))
+            if ctx.shape[1] != tokens.shape[1]:
+                raise ValueError(
+                    f"the edit context is {ref_latents[0].shape[-1] * 8}×{ref_latents[0].shape[-2] * 8} but the latent "
+                    f"is {width}×{height}: sample at the edit size (the 'latent' output of the Edit Context Encoder)"
+                )
+        prepared = self.mmdit.prepare(context.to(x.dtype), pooled.to(x.dtype), height, width, context=ctx)
+        velocity = self.mmdit(tokens, timestep.to(x.dtype), prepared)
+        return unpack_latents(velocity, height, width, channels=x.shape[1])
+
+
+class OvisU1Native(comfy.model_base.BaseModel):
+    """The MMDiT (with its token refiner) as a core MODEL."""
+
+    def __init__(self, model_config: OvisU1ModelConfig, mmdit, storage_dtype: torch.dtype):
+        super().__init__(model_config, comfy.model_base.ModelType.FLUX, device=None)
+        self.diffusion_model = OvisU1DiffusionModel(mmdit, storage_dtype)
+        self.model_sampling = OvisU1ModelSampling(model_config)
+        self.memory_usage_factor_conds = ("text", "ref")
+        if hasattr(mm, "archive_model_dtypes"):  # ComfyUI ≥ 0.8: the dtypes its dynamic loader restores
+            mm.archive_model_dtypes(self.diffusion_model)
+
+    @property
+    def mmdit(self):
+        return self.diffusion_model.mmdit
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the MMDiT computes in (``get_dtype_inference`` of ComfyUI ≥ 0.8, written out for 0.3.64)."""
+        return self.manual_cast_dtype or self.get_dtype()
+
+    def extra_conds(self, **kwargs):
+        out = {}
+        states = kwargs.get("cross_attn", None)
+        if states is not None:
+            # The token refiner does not depend on the time: once here, not at every step.
+            device, dtype = kwargs.get("device", load_device()), self.compute_dtype()
+            with torch.no_grad():
+                tokens, pooled = self.mmdit.refine(states.to(device=device, dtype=dtype))
+            out["c_crossattn"] = comfy.conds.CONDRegular(tokens)  # never padded/repeated: joint attention
+            out["pooled"] = comfy.conds.CONDRegular(pooled)
+        references = kwargs.get("reference_latents", None)
+        if references:
+            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in references[:1]])
+        return out
+
+    def extra_conds_shapes(self, **kwargs):
+        out = {}
+        states = kwargs.get("cross_attn", None)
+        if states is not None:
+            out["text"] = [1, states.shape[1]]
+        if kwargs.get("reference_latents"):
+            out["ref"] = [1]
+        return out
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        p = self.mmdit.params
+        text = max((s[1] for s in cond_shapes.get("text", []) if len(s) > 1), default=512)
+        with_context = bool(cond_shapes.get("ref"))
+        batch = input_shape[0] * (3 if with_context else 2) // 2  # input_shape counts cond + uncond
+        return estimates.sampling_memory(p.hidden_size, p.mlp_ratio, p.num_heads, max(1, batch), text,
+                                         input_shape[-1] * 8, input_shape[-2] * 8, with_context,
+                                         mm.dtype_size(self.compute_dtype()))
+
+
+def _storage_dtype(mmdit, compute_dtype: torch.dtype) -> torch.dtype:
+    dtypes = {p.dtype for p in mmdit.parameters() if p.dtype.is_floating_point}
+    fp8 = [d for d in dtypes if d.itemsize == 1]
+    return fp8[0] if fp8 else compute_dtype
+
+
+def make_core_model(ovis, compute_dtype: torch.dtype, weight_dtype: str | None = None):
+    """The MMDiT as a core MODEL: a patcher over ``OvisU1Native``, sized by the MMDiT's own weights."""
+    storage = _storage_dtype(ovis.mmdit, compute_dtype)
+    config = OvisU1ModelConfig(ovis, compute_dtype, storage)
+    native = OvisU1Native(config, ovis.mmdit, storage)
+    return patcher_class()(native, load_device=load_device(), offload_device=offload_device(),
+                           size=weight_bytes(ovis.mmdit))
+
+
+# --------------------------------------------------------------------------------------------------------- VAE
+class OvisU1FirstStage(nn.Module):
+    """The first-stage interface ``comfy.sd.VAE`` calls: encode → posterior mean (as ComfyUI's SD VAEs), decode."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def encode(self, pixels):
+        mean, _ = self.vae.encode(pixels)
+        return mean
+
+    def decode(self, latent, **kwargs):
+        return self.vae.decode(latent)
+
+
+class OvisU1CoreVAE(comfy.sd.VAE):
+    """A core VAE over the checkpoint's VAE (fp32, as the official decode): the attributes ``comfy.sd.VAE.__init__``
+    sets for an SD/SDXL AutoencoderKL, without building one from a state dict."""
+
+    def __init__(self, vae):  # noqa: the base __init__ would parse a state dict
+        self.memory_used_encode = lambda shape, dtype: estimates.vae_encode_memory(shape[2], shape[3],
+                                                                                   mm.dtype_size(dtype))
+        self.memory_used_decode = lambda shape, dtype: estimates.vae_decode_memory(shape[2], shape[3],
+                                                                                   mm.dtype_size(dtype))
+        self.downscale_ratio = self.upscale_ratio = 8
+        self.latent_channels = vae.params.latent_channels if hasattr(vae, "params") else 4
+        self.latent_dim = 2
+        self.output_channels = 3
+        self.pad_channel_value = None
+        self.process_input = lambda image: image * 2.0 - 1.0
+        self.process_output = lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+        self.working_dtypes = [torch.float32]
+        self.disable_offload = False
+        self.not_video = False
+        self.size = None
+        self.downscale_index_formula = self.upscale_index_formula = None
+        self.extra_1d_channel = None
+        self.crop_input = True
+        self.audio_sample_rate = 44100
+        self.first_stage_model = OvisU1FirstStage(vae).eval()
+        self.device = load_device()
+        self.vae_dtype = next(vae.parameters()).dtype
+        self.output_device = mm.intermediate_device()
+        self.patcher = patcher_class()(self.first_stage_model, load_device=self.device,
+                                       offload_device=mm.vae_offload_device(), size=weight_bytes(vae))
+
+    def vae_output_dtype(self):
+        return mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else torch.float32
+
+
+def make_core_vae(ovis) -> OvisU1CoreVAE:
+    return OvisU1CoreVAE(ovis.vae)
+
+
+def image_tokens(width: int, height: int) -> int:
+    return math.ceil(height / 16) * math.ceil(width / 16)
