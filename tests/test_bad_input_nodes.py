@@ -23,7 +23,7 @@ def model(tmp_path_factory):
     (root / "tiny_a").symlink_to(CHECKPOINT, target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(MODELS_DIR_ENV, str(root))
-        (loaded,) = run("OvisU1ModelLoader", model="tiny_a")
+        loaded, *_ = run("OvisU1ModelLoader", model="tiny_a")
         yield loaded
 
 
@@ -31,12 +31,12 @@ def model(tmp_path_factory):
 def still_golden(model):
     yield
     p = case_params("t2i")
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
                        width=p["width"], height=p["height"])
-    (refined,) = run("OvisU1Refiner", model=model, condition=condition)
-    (latent,) = run("OvisU1Sampler", model=model, refined=refined, width=p["width"], height=p["height"],
+    refined, *_ = run("OvisU1Refiner", model=model, condition=condition)
+    latent, *_ = run("OvisU1Sampler", model=model, refined=refined, width=p["width"], height=p["height"],
                     steps=p["steps"], txt_cfg=p["txt_cfg"], seed=p["seed"])
-    (image,) = run("OvisU1VAEDecode", model=model, samples=latent)
+    image, *_ = run("OvisU1VAEDecode", model=model, samples=latent)
     assert_golden_image(save_uint8(image), tensors("t2i")["output_image_uint8"])
 
 
@@ -82,7 +82,7 @@ def test_integer_images_are_refused(model):
 
 # ------------------------------------------------------------------------------------- 4. markup in prompts
 def test_image_tag_in_node_prompts_is_text(model):
-    (condition,) = run("OvisU1EncodeCondition", model=model, prompt="a <image> sign", mode="text-to-image",
+    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt="a <image> sign", mode="text-to-image",
                        width=64, height=64)
     assert set(condition.branches) == {"cond", "no_both"}
     (answer,), _ = run("OvisU1Understand", model=model, question="What is <image>?", max_new_tokens=1,
