@@ -338,6 +338,6 @@ def generate(
             on_token(i + 1, max_new_tokens)
         if eos_token_id is not None and token == eos_token_id:
             break
-        next_ids = torch.tensor([[token]], device=embed_tokens.weight.device)
+        next_ids = torch.tensor([[token]], device=embeds.device)
         inputs = embed_tokens(next_ids).to(device=embeds.device, dtype=embeds.dtype)
     return new_ids

@@ -97,7 +97,11 @@ class EditContext:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    """Where a part computes. A memory manager that loads a part only partially (ComfyUI's lowvram path, dynamic VRAM)
+    leaves some weights on the offload device and casts them layer by layer; it says where the part runs by setting
+    ``execution_device`` on it. Otherwise the part runs where its weights are."""
+    device = getattr(module, "execution_device", None)
+    return device if device is not None else next(module.parameters()).device
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -163,7 +167,7 @@ class OvisU1(nn.Module):
         if notes is not None:
             notes.extend(n for n in found if n not in notes)
         embed_tokens = self.llm.get_input_embeddings()
-        device = embed_tokens.weight.device
+        device = _device_of(self.llm)
         ids_t = torch.tensor(ids, device=device)
         text = embed_tokens(ids_t.clamp(min=0))
         vocab = self.params.vision.vocab_size

@@ -237,3 +237,17 @@ def test_smoke_model_runs_every_task(tmp_path):
     assert image.size == (64, 64)
     assert model.edit(image, "make it blue", steps=2).size == (64, 64)
     assert model.understand([image], "What is it?", max_new_tokens=4).token_ids
+
+
+def test_a_part_computes_where_its_manager_says(model):
+    """A partially loaded part (ComfyUI lowvram) keeps weights on the offload device: the manager's
+    ``execution_device`` decides where inputs go, not the first weight's device."""
+    from ovis_u1.model import _device_of
+
+    assert _device_of(model.mmdit) == torch.device("cpu")
+    model.mmdit.execution_device = torch.device("meta")
+    try:
+        assert _device_of(model.mmdit) == torch.device("meta")
+    finally:
+        del model.mmdit.execution_device
+    assert _device_of(model.mmdit) == torch.device("cpu")

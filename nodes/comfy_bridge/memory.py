@@ -122,7 +122,15 @@ class ManagedModel:
         patcher = self.patchers.get(part)
         if patcher is not None:
             mm.load_models_gpu([patcher], memory_required=memory_required)
+            # A partial load leaves some weights on the offload device: tell the library where the part computes,
+            # so its inputs go to the GPU and the remaining weights are cast there layer by layer.
+            for module in self._modules_of(part):
+                module.execution_device = patcher.load_device
         return self.model
+
+    def _modules_of(self, part: str) -> list[nn.Module]:
+        m = self.model
+        return {"llm": [m.llm, m.visual_tokenizer, m.vte], "mmdit": [m.mmdit], "vae": [m.vae]}[part]
 
     def __repr__(self):
         return f"OvisU1 model {self.name!r}"
