@@ -59,13 +59,16 @@ class OvisU1ModelLoader:
                     "tooltip": "Attention kernel. auto: flash-attn when installed and on a CUDA GPU, else PyTorch "
                                "SDPA. flash_attn requires the flash-attn package.",
                 }),
+            },
+            # optional, so API prompts written before this input existed still validate
+            "optional": {
                 "weight_dtype": (list(bridge.WEIGHT_DTYPES), {
                     "default": "default",
                     "tooltip": "Storage precision of the LLM, visual encoder and MMDiT weights. fp8_e4m3fn / "
                                "fp8_e5m2 halve their memory (compute stays in dtype; small quality cost, see "
                                "README). The VAE is never stored in fp8.",
                 }),
-            }
+            },
         }
 
     @classmethod
