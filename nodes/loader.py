@@ -16,15 +16,16 @@ ATTENTION = ("auto", "sdpa", "flash_attn")
 def _missing_model_message(name: str) -> str:
     roots = ", ".join(str(r) for r in bridge.model_roots()) or "(none)"
     return (
-        f"model {name!r} is not an Ovis-U1 checkpoint folder in {roots}: put the complete AIDC-AI/Ovis-U1-3B download "
-        f"in a folder there (e.g. models/ovis_u1/Ovis-U1-3B, or an 'ovis_u1:' entry of extra_model_paths.yaml) "
-        "and pick it in the model list"
+        f"model {name!r} is not an Ovis-U1 checkpoint folder in {roots}: put the complete ATH-MaaS/Ovis-U1-3B "
+        "download (formerly AIDC-AI/Ovis-U1-3B) in a folder there (e.g. models/ovis_u1/Ovis-U1-3B, or an "
+        "'ovis_u1:' entry of extra_model_paths.yaml) and pick it in the model list"
     )
 
 
 class OvisU1ModelLoader:
     DESCRIPTION = (
-        "Loads an Ovis-U1 checkpoint folder (Hugging Face layout, e.g. AIDC-AI/Ovis-U1-3B) from models/ovis_u1. "
+        "Loads an Ovis-U1 checkpoint folder (Hugging Face layout, e.g. ATH-MaaS/Ovis-U1-3B, formerly "
+        "AIDC-AI/Ovis-U1-3B) from models/ovis_u1. "
         "Nothing is downloaded. The model joins ComfyUI's memory management in three parts (LLM + visual encoder, "
         "MMDiT, VAE), each moved to the GPU only while a node uses it, partially when it does not fit. Also returns "
         "the MMDiT as a core MODEL and the VAE as a core VAE for ComfyUI's own sampler and VAE nodes."
