@@ -7,8 +7,9 @@ of the weight bytes, the seconds of ``load_model``, and the RSS after one pass o
 weights only come in when first used). ``read`` rows time reading the whole file once in 16 MiB pieces, as
 ``cat file > /dev/null`` does. ``cold`` rows first drop the file from the page cache (posix_fadvise DONTNEED),
 ``warm`` rows read it once beforehand. Each load process first loads the tiny smoke model, so imports and
-first-call costs are not counted as loading. Rows are best of --repeat (wall seconds; "cpu s" is the process's
-user+sys time meanwhile, which is what counts on a machine shared with other jobs).
+first-call costs are not counted as loading. The measurements run in rounds (read twice, load as bf16, read twice,
+load as fp32), so drift hits them alike. Rows are best of all runs (wall seconds; "cpu s" is the process's user+sys
+time meanwhile); "÷read" is the median over rounds of the row's seconds over the fastest read of the same round.
 
     python bench/bench_loading.py CACHE_DIR                  # builds CACHE_DIR/ovis_u1_mid first if needed
     python bench/bench_loading.py CACHE_DIR --root /work/main --repeat 3 --json out.json
@@ -149,15 +150,32 @@ def main() -> None:
         build_smoke_model(Path(args.cache_dir) / "smoke")
     gib = 1 << 30
     rows = []
+    kinds = (("read", ""), ("load", "bf16"), ("load", "fp32"))
     for cache in args.caches.split(","):
-        for kind, dtype in (("read", ""), ("load", "bf16"), ("load", "fp32")):
-            runs = [run_worker(kind, path, args.root, dtype, cache) for _ in range(args.repeat)]
-            best = min(runs, key=lambda r: r["seconds"])
+        # Rounds interleave the measurements, so a drift of the machine (or the disk) hits them alike, and each load
+        # is compared with the reads of its own round. The file is read twice right before each load and the faster
+        # read counts: on a VM, a cold read right after a process that freed much memory (a load) can take 2-3× as
+        # long, so this favours reading.
+        rounds = []
+        for _ in range(args.repeat):
+            measured: dict = {}
+            for kind, dtype in kinds[1:]:
+                reads = [run_worker("read", path, args.root, "", cache) for _ in range(2)]
+                measured.setdefault(("read", ""), []).extend(reads)
+                measured[(kind, dtype)] = [run_worker(kind, path, args.root, dtype, cache)]
+            rounds.append(measured)
+        for kind, dtype in kinds:
+            runs = [run for r in rounds for run in r[(kind, dtype)]]
+            best = dict(min(runs, key=lambda r: r["seconds"]))
             best["peak_rss_max"] = max(r.get("peak_rss", 0) for r in runs)
-            rows.append({"what": f"{kind} {'fp32→' + dtype if dtype else 'file once'}", "cache": cache, **best})
+            ratios = sorted(min(x["seconds"] for x in r[(kind, dtype)]) / min(x["seconds"] for x in r[("read", "")])
+                            for r in rounds)
+            best["over_read"] = ratios[len(ratios) // 2]
+            what = "read file once" if kind == "read" else f"load fp32→{dtype}"
+            rows.append({"what": what, "cache": cache, **best})
     print(f"checkpoint {path} ({rows[0]['file_bytes'] / gib:.2f} GiB fp32), loader from {args.root}")
-    print(f"{'what':<16} {'cache':<5} {'s':>6} {'s/GiB':>6} {'cpu s':>6} {'torch RSS':>9} {'peak-torch':>10} {'weights':>8} "
-          f"{'ratio':>5} {'touched':>8}")
+    print(f"{'what':<16} {'cache':<5} {'s':>6} {'s/GiB':>6} {'÷read':>6} {'cpu s':>6} {'torch RSS':>9} "
+          f"{'peak-torch':>10} {'weights':>8} {'ratio':>5} {'touched':>8}")
     for r in rows:
         per_gib = r["seconds"] / (r["file_bytes"] / gib)
         if "weight_bytes" in r:
@@ -166,7 +184,8 @@ def main() -> None:
                    f"{r['rss_after_touch_above_torch'] / gib:>7.2f}G")
         else:
             mem = ""
-        print(f"{r['what']:<16} {r['cache']:<5} {r['seconds']:>6.2f} {per_gib:>6.2f} {r['cpu_seconds']:>6.2f} {mem}")
+        print(f"{r['what']:<16} {r['cache']:<5} {r['seconds']:>6.2f} {per_gib:>6.2f} {r['over_read']:>6.2f} "
+              f"{r['cpu_seconds']:>6.2f} {mem}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

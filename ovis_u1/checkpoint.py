@@ -7,9 +7,11 @@ straight to the target dtype and device, so the whole model never exists twice i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -141,33 +143,25 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def _all_finite(part: torch.Tensor) -> bool:
-    if part.element_size() == 1:  # fp8 storage: torch has no isfinite for it; bf16 holds every fp8 value
+    """Whether a (chunk of a) weight has no NaN/inf. One sum in the tensor's own dtype reads it once at memory speed
+    (torch accumulates half types in fp32) and is exact in one direction: any NaN/inf makes the sum non-finite. Only
+    a non-finite sum of finite values (an overflow) needs the element-wise test."""
+    if part.element_size() == 1:  # fp8 storage: torch cannot sum it; bf16 holds every fp8 value
         part = part.to(torch.bfloat16)
-    # One sum is ~14x cheaper than isfinite().all() and exact in one direction: any NaN/inf makes the sum
-    # non-finite. Only a finite sum that overflowed needs the element-wise test.
-    if bool(torch.isfinite(part.sum(dtype=torch.float32))):
+    if bool(torch.isfinite(part.sum())):
         return True
     return bool(torch.isfinite(part).all())
 
 
-def check_finite_weights(module: torch.nn.Module, directory: str | Path, chunk: int = 2**24) -> None:
+def non_finite_error(bad: list[str], directory: str | Path) -> CheckpointError:
     """NaN/inf in a weight (a corrupt download, or fp32 values beyond fp16's range after a cast) turns every output
-    into garbage without an error; look once at load time — one isfinite reduction per tensor, in chunks so no
-    full-size temporary is made."""
-    bad = []
-    for name, tensor in module.state_dict().items():
-        if not tensor.is_floating_point() or tensor.device.type == "meta":
-            continue
-        flat = tensor.reshape(-1)
-        if not all(_all_finite(part) for part in flat.split(chunk)):
-            bad.append(f"{name} ({tensor.dtype})")
-    if bad:
-        half = " If you loaded in fp16, the weights overflow it: load in bf16 or fp32." if any(
-            "float16" in b and "bfloat16" not in b for b in bad) else ""
-        raise CheckpointError(
-            f"the checkpoint in {str(directory)!r} has NaN or infinite values in {_names(bad)}; the weights are "
-            f"corrupt — download them again.{half}"
-        )
+    into garbage without an error; the loader looks at every value once, as it reads it."""
+    half = " If you loaded in fp16, the weights overflow it: load in bf16 or fp32." if any(
+        "float16" in b and "bfloat16" not in b for b in bad) else ""
+    return CheckpointError(
+        f"the checkpoint in {str(directory)!r} has NaN or infinite values in {_names(bad)}; the weights are "
+        f"corrupt — download them again.{half}"
+    )
 
 
 def validate_keys(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], Path]]) -> None:
@@ -207,16 +201,85 @@ _CHUNK_BYTES = 32 << 20  # a tensor that needs converting is converted in pieces
 _RELEASE = hasattr(mmap, "MADV_DONTNEED")  # can mapped file pages be dropped from this process again?
 
 
+class _ReadAhead:
+    """Keeps the kernel reading a file up to ``window`` bytes past the reader's position, from a background thread.
+
+    Tensors are converted from a map of the file, and a page fault reads only a little around the faulting page: on
+    a cold disk the CPU would wait for every piece, then the disk for the CPU. Asking for the pages in small steps
+    ahead (posix_fadvise WILLNEED: asynchronous, nothing copied, next to free when the pages are already cached)
+    keeps the disk busy while the CPU converts and checks, so a cold load takes about as long as reading the file
+    once (bench/bench_loading.py). The window bounds how much page cache it claims; the page cache is not this
+    process's memory. Where posix_fadvise does not exist, nothing happens."""
+
+    STEP = 2 << 20
+
+    def __init__(self, file, size: int, window: int = 128 << 20):
+        self.file, self.size, self.window = file, size, window
+        self.position, self.closed = 0, False
+        self.changed = threading.Condition()
+        self.thread = None
+        if hasattr(os, "posix_fadvise"):
+            self.thread = threading.Thread(target=self._run, name="ovis-u1-read-ahead", daemon=True)
+            self.thread.start()
+
+    def advance(self, position: int) -> None:
+        if self.thread is not None and position >= self.position + self.STEP:
+            with self.changed:
+                self.position = position
+                self.changed.notify()
+
+    def close(self) -> None:
+        if self.thread is not None:
+            with self.changed:
+                self.closed = True
+                self.changed.notify()
+            self.thread.join()
+
+    def _run(self) -> None:
+        asked = 0
+        while asked < self.size:
+            with self.changed:
+                while not self.closed and asked >= self.position + self.window:
+                    self.changed.wait()
+                if self.closed:
+                    return
+                asked = max(asked, self.position)
+            try:
+                os.posix_fadvise(self.file.fileno(), asked, self.STEP, os.POSIX_FADV_WILLNEED)
+            except OSError:  # only a hint: the reads themselves report real errors
+                return
+            asked += self.STEP
+
+
+@contextlib.contextmanager
+def reading_ahead(directory: str | Path):
+    """Within the block, the kernel reads the first window of every weight file in the background: the time spent
+    building the model before its weights are read is then disk time too, not lost on a cold disk. Only a hint: a
+    folder that cannot be read is left for load_weights to report."""
+    try:
+        files = [open(path, "rb", buffering=0) for path in weight_files(directory)]
+    except (CheckpointError, OSError):
+        files = []
+    read_aheads = [_ReadAhead(f, os.fstat(f.fileno()).st_size) for f in files]
+    try:
+        yield
+    finally:
+        for read_ahead, f in zip(read_aheads, files):
+            read_ahead.close()
+            f.close()
+
+
 class _TensorReader:
-    """Reads the tensors of one safetensors file, holding at most a few chunks of file data at any time.
+    """Reads the tensors of one safetensors file, holding at most a few chunks of file data at any time, and looks
+    at every value once for NaN/inf while it is at hand.
 
     A tensor already in the dtype it is used in, on the CPU, is not read at all: it is a view of a private
     (copy-on-write) memory map of the file, so its pages come in when first used and are shared with the page cache.
-    Every other tensor is converted chunk by chunk into its destination, straight from a read-only map of the file:
-    the kernel is asked to read the next chunk ahead while the current one converts, and the pages of a converted
-    chunk are dropped from the process at once. Where pages cannot be dropped (no madvise, e.g. Windows) the
-    chunks are read into one reused buffer instead. Either way fp32 files load as bf16 at the size of the bf16
-    weights plus a chunk or two, reading the file once.
+    Every other tensor is converted chunk by chunk into its destination, straight from a read-only map of the file,
+    and the pages of a converted chunk are dropped from the process at once. Where pages cannot be dropped (no
+    madvise, e.g. Windows) the chunks are read into one reused buffer instead. Either way fp32 files load as bf16 at
+    the size of the bf16 weights plus a chunk or two, reading the file once, and the kernel reads ahead of the chunk
+    at hand (``_ReadAhead``) so that a cold disk keeps reading while the CPU converts and checks.
     """
 
     def __init__(self, path: Path):
@@ -227,11 +290,13 @@ class _TensorReader:
         self.data_start = 8 + header_len
         self.index = {k: v for k, v in header.items() if k != "__metadata__"}
         self._private = self._source = self._buffer = None
+        self._read_ahead = _ReadAhead(self.file, os.fstat(self.file.fileno()).st_size)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._read_ahead.close()
         self._source = None  # the maps close when the last tensor viewing them is gone
         self.file.close()
 
@@ -244,35 +309,43 @@ class _TensorReader:
             raise CheckpointError(f"{key!r} in {self.path} has dtype {name}, which Ovis-U1 checkpoints never use")
         return _STORED_DTYPES[name]
 
-    def read(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def read(self, key: str, dtype: torch.dtype, shape: tuple[int, ...],
+             device: torch.device) -> tuple[torch.Tensor, bool]:
+        """The tensor ``key`` as ``dtype`` on ``device``, and whether all its values are finite."""
         stored = self.stored_dtype(key)
         begin, end = self.index[key]["data_offsets"]
         offset, count = self.data_start + begin, (end - begin) // stored.itemsize
         if count == 0:
-            return torch.empty(shape, dtype=dtype, device=device)
+            return torch.empty(shape, dtype=dtype, device=device), True
+        step = max(1, _CHUNK_BYTES // stored.itemsize)
         if dtype == stored and device.type == "cpu" and offset % stored.itemsize == 0:
             if self._private is None:
                 self._private = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY)
-            return torch.frombuffer(self._private, dtype=stored, count=count, offset=offset).view(shape)
+            out = torch.frombuffer(self._private, dtype=stored, count=count, offset=offset)
+            finite = True
+            for first in range(0, count, step):
+                self._read_ahead.advance(offset + first * stored.itemsize)
+                finite = finite and _all_finite(out[first : first + step])
+            return out.view(shape), finite
         out = torch.empty(shape, dtype=dtype, device=device)
-        flat, step = out.view(-1), max(1, _CHUNK_BYTES // stored.itemsize)
+        flat, finite = out.view(-1), True
         for first in range(0, count, step):
             n = min(step, count - first)
             start, size = offset + first * stored.itemsize, n * stored.itemsize
+            piece = flat[first : first + n]
+            self._read_ahead.advance(start)
             if _RELEASE:
-                flat[first : first + n].copy_(self._mapped(start, size, end=offset + count * stored.itemsize)
-                                             .view(stored))
+                piece.copy_(self._mapped(start, size).view(stored))
                 self._release(start, size)
             else:
-                flat[first : first + n].copy_(self._read_range(start, size).view(stored))
-        return out
+                piece.copy_(self._read_range(start, size).view(stored))
+            finite = finite and _all_finite(piece)  # while the piece is still in the CPU's cache
+        return out, finite
 
-    def _mapped(self, start: int, size: int, end: int) -> torch.Tensor:
-        """Bytes [start, start+size) of the read-only map; the kernel is asked to read the next chunk meanwhile."""
+    def _mapped(self, start: int, size: int) -> torch.Tensor:
+        """Bytes [start, start+size) of the read-only map."""
         if self._source is None:
             self._source = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
-        ahead = min(start + size, end)
-        self._advise(mmap.MADV_WILLNEED, ahead, min(_CHUNK_BYTES, end - ahead))
         with warnings.catch_warnings():  # read-only by design: the map is only ever copied from
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(self._source, dtype=torch.uint8, count=size, offset=start)
@@ -311,7 +384,8 @@ def load_weights(
     ``dtype_for(key, stored_dtype)`` picks each floating tensor's dtype; ``rename`` maps stored names
     (e.g. legacy VAE attention names) to the module's. Memory: tensors used in their stored dtype on the CPU are
     memory-mapped views of the file (no copy); the others are converted chunk by chunk (see ``_TensorReader``),
-    so the process never holds the file and the converted weights at once.
+    so the process never holds the file and the converted weights at once. Every value is looked at once for
+    NaN/inf as it is read; any is a CheckpointError naming the weights.
     """
     files = weight_files(directory)
     on_disk = stored_shapes(files)
@@ -329,15 +403,20 @@ def load_weights(
     for key, (_, path) in stored.items():
         by_file.setdefault(path, []).append(key)
     state: dict[str, torch.Tensor] = {}
+    non_finite: list[str] = []
     for path, keys in by_file.items():
         with _TensorReader(path) as reader:
             for key in sorted(keys, key=lambda k: reader.offset(original[k])):  # one sequential pass over the file
                 stored_dtype = reader.stored_dtype(original[key])
                 dtype = dtype_for(key, stored_dtype) if stored_dtype.is_floating_point else stored_dtype
                 try:
-                    state[key] = reader.read(original[key], dtype, expected[key], device)
+                    state[key], finite = reader.read(original[key], dtype, expected[key], device)
                 except OSError as e:
                     raise CheckpointError(f"cannot read {original[key]!r} from {path} ({e}); download it again") from e
+                if not finite:
+                    non_finite.append(f"{key} ({dtype})")
+    if non_finite:
+        raise non_finite_error(non_finite, directory)
     result = module.load_state_dict(state, strict=False, assign=True)
     leftover = [k for k in result.missing_keys if k not in TIED_KEYS]
     if leftover or result.unexpected_keys:  # validate_keys makes this unreachable; keep the promise explicit

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import prompts
 from .attention import set_attention_backend
-from .checkpoint import check_directory, check_finite_weights, load_weights
+from .checkpoint import check_directory, load_weights, reading_ahead
 from .config import OvisU1Params, load_params
 from .inputs import (  # re-exported: these names were defined here first
     MAX_CFG,
@@ -475,20 +475,20 @@ def load_model(
     params = load_params(directory)
     tokenizer = prompts.load_tokenizer(directory)
     set_attention_backend(attention)
-    with torch.device("meta"):
-        model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations)
-    stored_in_fp8 = fp8_keys(model) if weight_dtype is not None else set()
+    with reading_ahead(directory):  # the disk reads while the model is built
+        with torch.device("meta"):
+            model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations)
+        stored_in_fp8 = fp8_keys(model) if weight_dtype is not None else set()
 
-    def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
-        if key.startswith("visual_generator.vae."):
-            return torch.float32
-        return weight_dtype if key in stored_in_fp8 else dtype
+        def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
+            if key.startswith("visual_generator.vae."):
+                return torch.float32
+            return weight_dtype if key in stored_in_fp8 else dtype
 
-    load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
+        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
     for module in model.modules():  # fp8 tables give their rows in the compute dtype
         if isinstance(module, manual_cast.Embedding):
             module.compute_dtype = dtype
-    check_finite_weights(model, directory)
     model.eval()
     model.source = str(directory)
     model.weight_dtype = weight_dtype

@@ -3,9 +3,11 @@ kept in their stored dtype are private views of the file, and loading fp32 as bf
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,84 @@ def test_loading_fp32_as_bf16_peaks_near_the_bf16_size(tmp_path):
     assert out.returncode == 0, out.stderr
     ratio = float(out.stdout.strip())
     assert ratio <= 1.2, f"peak RSS grew by {ratio:.2f}× the bf16 weights"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn],
+                         ids=["kept as stored", "converted", "fp8"])
+@pytest.mark.parametrize("where", [0, -1], ids=["first chunk", "last chunk"])
+def test_a_non_finite_value_anywhere_is_found_while_reading(stored, monkeypatch, dtype, where):
+    """The NaN/inf check is part of reading: in the first and the last chunk of a tensor, for tensors kept as views
+    of the file and for converted ones."""
+    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 64)
+    weights = load_file(str(stored / "model.safetensors"))
+    weights["proj.weight"].view(-1)[where] = float("nan")
+    save_file(weights, str(stored / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"NaN or infinite values in proj\.weight"):
+        load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: dtype)
+
+
+def test_fp16_overflow_is_found_and_explained(stored):
+    weights = load_file(str(stored / "model.safetensors"))
+    weights["norm.weight"][3] = 1e6  # finite in fp32, beyond fp16's 65504
+    save_file(weights, str(stored / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="load in bf16 or fp32") as info:
+        load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: torch.float16)
+    assert "norm.weight (torch.float16)" in str(info.value)
+    load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: torch.bfloat16)
+
+
+def test_large_finite_sums_are_not_mistaken_for_overflow(stored):
+    """A chunk whose fp16 sum overflows, though every value is finite, takes the element-wise test and loads."""
+    weights = load_file(str(stored / "model.safetensors"))
+    weights["proj.weight"].fill_(60000.0)
+    save_file(weights, str(stored / "model.safetensors"))
+    module = small_module()
+    load_weights(module, stored, torch.device("cpu"), lambda key, stored_dtype: torch.float16)
+    assert torch.equal(module.proj.weight, torch.full((53, 37), 60000.0, dtype=torch.float16))
+
+
+def read_ahead_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "ovis-u1-read-ahead"]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_the_file_is_read_ahead_in_order_within_the_window(stored, monkeypatch):
+    """Read-ahead asks for the whole file, front to back, never more than its window past the tensor being read,
+    and its thread is gone once the weights are loaded."""
+    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(checkpoint._ReadAhead, "STEP", 256)
+    window = 1024
+    original_init = checkpoint._ReadAhead.__init__
+    monkeypatch.setattr(checkpoint._ReadAhead, "__init__",
+                        lambda self, file, size, window_=window: original_init(self, file, size, window_))
+    asked, positions = [], []
+    real_fadvise = os.posix_fadvise
+    original_advance = checkpoint._ReadAhead.advance
+
+    def fadvise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        asked.append((offset, length, max(positions, default=0)))
+        real_fadvise(fd, offset, length, advice)
+
+    def advance(self, position):
+        positions.append(position)
+        original_advance(self, position)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(checkpoint._ReadAhead, "advance", advance)
+    load_weights(small_module(), stored, torch.device("cpu"), lambda key, dtype: torch.bfloat16)
+    size = (stored / "model.safetensors").stat().st_size
+    assert [a[0] for a in asked] == sorted(a[0] for a in asked), "read-ahead went backwards"
+    assert asked[0][0] == 0 and asked[-1][0] + asked[-1][1] >= size, "read-ahead did not cover the file"
+    for offset, _, position in asked:
+        assert offset < position + window + checkpoint._ReadAhead.STEP, (offset, position)
+    assert not read_ahead_threads()
+
+
+def test_no_read_ahead_thread_outlives_a_failed_load(stored):
+    weights = load_file(str(stored / "model.safetensors"))
+    weights["proj.weight"].view(-1)[0] = float("inf")
+    save_file(weights, str(stored / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError):
+        load_weights(small_module(), stored, torch.device("cpu"), lambda key, dtype: torch.bfloat16)
+    assert not read_ahead_threads()
