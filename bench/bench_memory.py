@@ -25,7 +25,8 @@ Storage: ``default`` (weights in --dtype) and ``fp8_e4m3fn`` / ``fp8_e5m2`` (``l
 LLM/vision/MMDiT matrices in fp8, compute in --dtype, the VAE in fp32 always).
 
 ``--quality`` instead measures what fp8 storage costs: max |Δ| of the final latent and of the uint8 image of t2i and
-edit, fp8 weights against --dtype weights, compute in --dtype.
+edit, fp8 weights against --dtype weights, compute in --dtype; as a yardstick, the row "bf16 vs fp32" gives what
+--dtype itself costs against an fp32 model.
 
 Hook for partial loading: ``LOADERS`` maps a ``--load`` name to ``loader(checkpoint, device, dtype, storage) ->
 model``. ``full`` is ``ovis_u1.load_model``; ``random`` takes a config.json in place of CHECKPOINT and makes random
@@ -357,9 +358,13 @@ def quality(args) -> list[dict]:
 
     dtype = getattr(torch, DTYPES[args.dtype])
     results: dict[str, dict] = {}
-    for storage in ["default"] + [s for s in args.storage.split(",") if s != "default"]:
-        model = ovis_u1.load_model(args.checkpoint, device=args.device, dtype=dtype,
-                                   weight_dtype=None if storage == "default" else storage)
+    storages = ["default"] + [s for s in args.storage.split(",") if s != "default"]
+    if args.dtype != "fp32":  # the yardstick: what --dtype itself costs against fp32 weights and compute
+        storages.append("fp32 model")
+    for storage in storages:
+        model = ovis_u1.load_model(args.checkpoint, device=args.device,
+                                   dtype=torch.float32 if storage == "fp32 model" else dtype,
+                                   weight_dtype=None if storage in ("default", "fp32 model") else storage)
         out = {}
         size = args.size
         refined = model.refine(model.encode_condition("a cute cat", "t2i", width=size, height=size))
@@ -379,6 +384,9 @@ def quality(args) -> list[dict]:
             continue
         for job, (latent, image) in out.items():
             ref_latent, ref_image = results["default"][job]
+            if storage == "fp32 model":  # rows read "<storage> against the default": here the default against fp32
+                storage, latent, image, ref_latent, ref_image = (f"{args.dtype} vs fp32", ref_latent, ref_image,
+                                                                 latent, image)
             dl = (latent - ref_latent).abs()
             di = np.abs(image.astype(np.int32) - ref_image.astype(np.int32))
             rows.append({
