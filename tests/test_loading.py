@@ -101,15 +101,16 @@ def test_loading_fp32_as_bf16_peaks_near_the_bf16_size(tmp_path):
     assert ratio <= 1.2, f"peak RSS grew by {ratio:.2f}× the bf16 weights"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn],
-                         ids=["kept as stored", "converted", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2],
+                         ids=["kept as stored", "converted", "fp8 e4m3fn", "fp8 e5m2"])
 @pytest.mark.parametrize("where", [0, -1], ids=["first chunk", "last chunk"])
-def test_a_non_finite_value_anywhere_is_found_while_reading(stored, monkeypatch, dtype, where):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_anywhere_is_found_while_reading(stored, monkeypatch, dtype, where, value):
     """The NaN/inf check is part of reading: in the first and the last chunk of a tensor, for tensors kept as views
     of the file and for converted ones."""
     monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 64)
     weights = load_file(str(stored / "model.safetensors"))
-    weights["proj.weight"].view(-1)[where] = float("nan")
+    weights["proj.weight"].view(-1)[where] = value
     save_file(weights, str(stored / "model.safetensors"))
     with pytest.raises(checkpoint.CheckpointError, match=r"NaN or infinite values in proj\.weight"):
         load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: dtype)
@@ -121,8 +122,27 @@ def test_fp16_overflow_is_found_and_explained(stored):
     save_file(weights, str(stored / "model.safetensors"))
     with pytest.raises(checkpoint.CheckpointError, match="load in bf16 or fp32") as info:
         load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: torch.float16)
-    assert "norm.weight (torch.float16)" in str(info.value)
+    assert "norm.weight (torch.float16)" in str(info.value) and "finite in the checkpoint" in str(info.value)
+    assert "corrupt" not in str(info.value)
     load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: torch.bfloat16)
+
+
+def test_fp8_overflow_is_told_apart_from_a_corrupt_file(stored):
+    """e5m2 turns values beyond its range into inf, e4m3fn saturates them; an inf in the file is corruption in both."""
+    weights = load_file(str(stored / "model.safetensors"))
+    weights["proj.weight"].view(-1)[5] = 1e6
+    save_file(weights, str(stored / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"fp8_e4m3fn \(it saturates\)") as info:
+        load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: torch.float8_e5m2)
+    assert "proj.weight (torch.float8_e5m2)" in str(info.value) and "corrupt" not in str(info.value)
+    module = small_module()
+    load_weights(module, stored, torch.device("cpu"), lambda key, stored_dtype: torch.float8_e4m3fn)
+    assert module.proj.weight.view(-1)[5].float() == 448.0
+    weights["table.weight"].view(-1)[0] = float("inf")
+    save_file(weights, str(stored / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"NaN or infinite values in table\.weight") as info:
+        load_weights(small_module(), stored, torch.device("cpu"), lambda key, stored_dtype: torch.float8_e5m2)
+    assert "proj.weight (torch.float8_e5m2) hold values beyond the range" in str(info.value)
 
 
 def test_large_finite_sums_are_not_mistaken_for_overflow(stored):
@@ -133,6 +153,16 @@ def test_large_finite_sums_are_not_mistaken_for_overflow(stored):
     module = small_module()
     load_weights(module, stored, torch.device("cpu"), lambda key, stored_dtype: torch.float16)
     assert torch.equal(module.proj.weight, torch.full((53, 37), 60000.0, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_finite_fp8_value_passes_the_check(dtype):
+    every_byte = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = torch.isfinite(every_byte.to(torch.float32))
+    assert not finite.all()
+    for value, is_finite in zip(every_byte, finite):
+        assert checkpoint._all_finite(value.reshape(1)) == bool(is_finite), (value.view(torch.uint8), is_finite)
+    assert checkpoint._all_finite(every_byte[finite])
 
 
 def read_ahead_threads() -> list:
