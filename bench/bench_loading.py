@@ -7,8 +7,10 @@ of the weight bytes, the seconds of ``load_model``, and the RSS after one pass o
 weights only come in when first used). ``read`` rows time reading the whole file once in 16 MiB pieces, as
 ``cat file > /dev/null`` does. ``cold`` rows first drop the file from the page cache (posix_fadvise DONTNEED),
 ``warm`` rows read it once beforehand. Each load process first loads the tiny smoke model, so imports and
-first-call costs are not counted as loading. The measurements run in rounds (read twice, load as bf16, read twice,
-load as fp32), so drift hits them alike. Rows are best of all runs (wall seconds; "cpu s" is the process's user+sys
+first-call costs are not counted as loading. The ``bf16 floor`` row is a lower bound for any loader that ends with
+bf16 weights resident: fresh memory of the bf16 weights' size filled by converting from a small cached fp32 buffer,
+with no file read at all (the kernel faults in and zeroes fresh memory page by page). The measurements run in rounds
+(read twice, then a load as bf16; again before the load as fp32 and the floor), so drift hits them alike. Rows are best of all runs (wall seconds; "cpu s" is the process's user+sys
 time meanwhile); "÷read" is the median over rounds of the row's seconds over the fastest read of the same round.
 
     python bench/bench_loading.py CACHE_DIR                  # builds CACHE_DIR/ovis_u1_mid first if needed
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -78,6 +81,30 @@ def worker_read(args) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "file_bytes": path.stat().st_size}
 
 
+def worker_floor(args) -> dict:
+    """A lower bound for any loader that ends with the weights resident as bf16: only the writing side of the
+    conversion, i.e. fresh bf16 memory of the model's size (which the kernel faults in and zeroes page by page)
+    filled by converting from one small fp32 buffer that stays in the CPU's cache. Reading the file is left out."""
+    import torch
+
+    path = Path(args.path) / "model.safetensors"
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    counts = [math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__"]
+    source = torch.randn(4 << 20)  # 16 MiB of fp32
+    cpu, start = cpu_seconds(), time.perf_counter()
+    out = []
+    for count in counts:
+        tensor = torch.empty(count, dtype=torch.bfloat16)
+        for first in range(0, count, source.numel()):
+            n = min(source.numel(), count - first)
+            tensor[first : first + n].copy_(source[:n])
+        out.append(tensor)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "file_bytes": path.stat().st_size,
+            "weight_bytes": sum(t.nbytes for t in out)}
+
+
 def worker_load(args) -> dict:
     import torch
 
@@ -129,13 +156,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--caches", default="cold,warm")
     parser.add_argument("--json")
-    parser.add_argument("--worker", choices=["read", "load"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["read", "load", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
     parser.add_argument("--cache", choices=["cold", "warm"], default="cold", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker_read(args) if args.worker == "read" else worker_load(args)))
+        print(json.dumps({"read": worker_read, "load": worker_load, "floor": worker_floor}[args.worker](args)))
         return
     if not args.cache_dir:
         parser.error("CACHE_DIR is required")
@@ -150,7 +177,7 @@ def main() -> None:
         build_smoke_model(Path(args.cache_dir) / "smoke")
     gib = 1 << 30
     rows = []
-    kinds = (("read", ""), ("load", "bf16"), ("load", "fp32"))
+    kinds = (("read", ""), ("load", "bf16"), ("load", "fp32"), ("floor", "bf16"))
     for cache in args.caches.split(","):
         # Rounds interleave the measurements, so a drift of the machine (or the disk) hits them alike, and each load
         # is compared with the reads of its own round. The file is read twice right before each load and the faster
@@ -171,14 +198,14 @@ def main() -> None:
             ratios = sorted(min(x["seconds"] for x in r[(kind, dtype)]) / min(x["seconds"] for x in r[("read", "")])
                             for r in rounds)
             best["over_read"] = ratios[len(ratios) // 2]
-            what = "read file once" if kind == "read" else f"load fp32→{dtype}"
+            what = {"read": "read file once", "floor": "bf16 floor"}.get(kind, f"load fp32→{dtype}")
             rows.append({"what": what, "cache": cache, **best})
     print(f"checkpoint {path} ({rows[0]['file_bytes'] / gib:.2f} GiB fp32), loader from {args.root}")
     print(f"{'what':<16} {'cache':<5} {'s':>6} {'s/GiB':>6} {'÷read':>6} {'cpu s':>6} {'torch RSS':>9} "
           f"{'peak-torch':>10} {'weights':>8} {'ratio':>5} {'touched':>8}")
     for r in rows:
         per_gib = r["seconds"] / (r["file_bytes"] / gib)
-        if "weight_bytes" in r:
+        if "peak_rss" in r:
             mem = (f"{r['rss_after_import_torch'] / gib:>8.2f}G {r['peak_above_torch'] / gib:>9.2f}G "
                    f"{r['weight_bytes'] / gib:>7.2f}G {r['peak_over_weights']:>5.2f} "
                    f"{r['rss_after_touch_above_torch'] / gib:>7.2f}G")
