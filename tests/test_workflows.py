@@ -352,6 +352,16 @@ def check_layout(graph: dict) -> None:
         for b in boxes[i + 1:]:
             overlap = a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
             assert not overlap, f"nodes {a[0]} and {b[0]} overlap"
+    # The frontend draws a node at its saved size: one that is too small hides its last widgets (a 110 px loader
+    # hid weight_dtype). LiteGraph gives a slot row 20 px and a widget about 24 px; ask for at least 20 and 22.
+    for node in graph["nodes"]:
+        if node["type"] not in PACK_NODES:
+            continue
+        cls = node_class(node["type"])
+        rows = max(len(socket_types(cls)), len(cls.RETURN_TYPES))
+        needed = 20 * rows + 22 * len(widget_slots(cls))
+        assert node["size"][1] >= needed, (f"node {node['id']} ({node['type']}) is {node['size'][1]} px high; its "
+                                           f"{rows} slot rows and {len(widget_slots(cls))} widgets need {needed}")
 
 
 def test_the_workflow_folder_holds_exactly_the_examples():
