@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -169,37 +170,47 @@ def read_ahead_threads() -> list:
     return [t for t in threading.enumerate() if t.name == "ovis-u1-read-ahead"]
 
 
+def wait_until(condition, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
-def test_the_file_is_read_ahead_in_order_within_the_window(stored, monkeypatch):
-    """Read-ahead asks for the whole file, front to back, never more than its window past the tensor being read,
-    and its thread is gone once the weights are loaded."""
+def test_read_ahead_stays_within_its_window_and_ends_at_the_end_of_the_file(tmp_path, monkeypatch):
+    size, window, step = 10_000, 1024, 256
+    (tmp_path / "weights").write_bytes(bytes(size))
+    asked = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)))
+    monkeypatch.setattr(checkpoint._ReadAhead, "STEP", step)
+    with open(tmp_path / "weights", "rb") as file:
+        read_ahead = checkpoint._ReadAhead(file, size, window=window)
+        for position in (0, 300, 5000):
+            if position:
+                read_ahead.advance(position)
+            wait_until(lambda: asked and asked[-1][0] + step >= position + window)
+            time.sleep(0.02)  # it waits there for the reader
+            assert asked[-1][0] < position + window, (asked[-1], position)
+        read_ahead.advance(size)
+        read_ahead.thread.join(timeout=20)  # it stops by itself at the end of the file
+        assert not read_ahead.thread.is_alive()
+        read_ahead.close()
+    offsets = [offset for offset, _, _ in asked]
+    assert offsets == sorted(set(offsets)) and offsets[-1] + step >= size
+    assert all(advice == os.POSIX_FADV_WILLNEED and length == step for _, length, advice in asked)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_loading_reads_ahead_in_order_and_leaves_no_thread(stored, monkeypatch):
     monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 64)
     monkeypatch.setattr(checkpoint._ReadAhead, "STEP", 256)
-    window = 1024
-    original_init = checkpoint._ReadAhead.__init__
-    monkeypatch.setattr(checkpoint._ReadAhead, "__init__",
-                        lambda self, file, size, window_=window: original_init(self, file, size, window_))
-    asked, positions = [], []
+    asked = []
     real_fadvise = os.posix_fadvise
-    original_advance = checkpoint._ReadAhead.advance
-
-    def fadvise(fd, offset, length, advice):
-        assert advice == os.POSIX_FADV_WILLNEED
-        asked.append((offset, length, max(positions, default=0)))
-        real_fadvise(fd, offset, length, advice)
-
-    def advance(self, position):
-        positions.append(position)
-        original_advance(self, position)
-
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    monkeypatch.setattr(checkpoint._ReadAhead, "advance", advance)
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, offset, length, advice: (asked.append(offset), real_fadvise(fd, offset, length, advice)))
     load_weights(small_module(), stored, torch.device("cpu"), lambda key, dtype: torch.bfloat16)
-    size = (stored / "model.safetensors").stat().st_size
-    assert [a[0] for a in asked] == sorted(a[0] for a in asked), "read-ahead went backwards"
-    assert asked[0][0] == 0 and asked[-1][0] + asked[-1][1] >= size, "read-ahead did not cover the file"
-    for offset, _, position in asked:
-        assert offset < position + window + checkpoint._ReadAhead.STEP, (offset, position)
+    assert asked and asked == sorted(asked), "read-ahead went backwards"
     assert not read_ahead_threads()
 
 
