@@ -229,8 +229,8 @@ class _ReadAhead:
 
     STEP = 2 << 20
 
-    def __init__(self, file, size: int, window: int = 128 << 20):
-        self.file, self.size, self.window = file, size, window
+    def __init__(self, file, window: int = 128 << 20):
+        self.file, self.size, self.window = file, os.fstat(file.fileno()).st_size, window
         self.position, self.closed = 0, False
         self.changed = threading.Condition()
         self.thread = None
@@ -276,7 +276,7 @@ def reading_ahead(directory: str | Path):
         files = [open(path, "rb", buffering=0) for path in weight_files(directory)]
     except (CheckpointError, OSError):
         files = []
-    read_aheads = [_ReadAhead(f, os.fstat(f.fileno()).st_size) for f in files]
+    read_aheads = [_ReadAhead(f) for f in files]
     try:
         yield
     finally:
@@ -306,7 +306,7 @@ class _TensorReader:
         self.data_start = 8 + header_len
         self.index = {k: v for k, v in header.items() if k != "__metadata__"}
         self._private = self._source = self._buffer = None
-        self._read_ahead = _ReadAhead(self.file, os.fstat(self.file.fileno()).st_size)
+        self._read_ahead = _ReadAhead(self.file)
 
     def __enter__(self):
         return self

@@ -185,7 +185,7 @@ def test_read_ahead_stays_within_its_window_and_ends_at_the_end_of_the_file(tmp_
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)))
     monkeypatch.setattr(checkpoint._ReadAhead, "STEP", step)
     with open(tmp_path / "weights", "rb") as file:
-        read_ahead = checkpoint._ReadAhead(file, size, window=window)
+        read_ahead = checkpoint._ReadAhead(file, window=window)
         for position in (0, 300, 5000):
             if position:
                 read_ahead.advance(position)
