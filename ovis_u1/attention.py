@@ -1,45 +1,79 @@
-"""Scaled dot-product attention with one switch for the kernel behind it.
+"""Scaled dot-product attention, with the kernel chosen per model and per call, never process-wide.
 
-Every attention in Ovis-U1 (AIMv2 encoder, token refiner, MMDiT) is unmasked softmax attention with scale
-1/sqrt(head_dim). The kernels:
+Every attention in Ovis-U1 (AIMv2 encoder, token refiner, MMDiT, VAE) is unmasked softmax attention with scale
+1/sqrt(head_dim); the language model's is causal and grouped-query (:func:`causal_attention`, following
+transformers 4.51.3: key and value heads repeated for sdpa / math, an explicit scale, the math softmax in fp32).
+The pack's own kernels:
 
 * ``sdpa``  — ``torch.nn.functional.scaled_dot_product_attention`` (default).
 * ``flash_attn`` — the flash-attn package, used only when it imports and the tensors live on CUDA in fp16/bf16.
 * ``math`` — explicit softmax(QK^T)V, the reference fallback.
 
-``auto`` picks flash_attn when usable, else sdpa. Windowed attention of the visual encoder is expressed as a list
-of segment lengths (``attention_segments``): equal-length segments run batched, flash-attn uses its varlen kernel.
-The language model's causal, grouped-query attention is ``causal_attention``; it follows transformers 4.51.3 (key and
-value heads repeated for sdpa / math, an explicit scale, the math softmax in fp32).
+``auto`` picks flash_attn when usable, else sdpa. A :class:`Kernel` may instead carry a ``full`` function for the
+bidirectional attentions: that is how a host injects its own selection (the ComfyUI bridge passes ComfyUI's
+``optimized_attention``, so its ``--use-*-attention`` flags and attention-override patches apply). The kernel of a
+pass is set for the duration of that pass with :func:`using` (a context variable: two models, or two threads, never
+see each other's choice). Windowed attention of the visual encoder is expressed as a list of segment lengths
+(``attention_segments``): equal-length segments run batched, flash-attn uses its varlen kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .inputs import OvisU1InputError
+
 BACKENDS = ("auto", "sdpa", "flash_attn", "math")
-_backend = "auto"
 _flash = None  # the flash_attn module once imported, False when unavailable
 
 
-def set_attention_backend(name: str) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if name == "flash_attn" and not flash_attn_available():
-        raise ValueError(
-            "attention 'flash_attn' was requested but the flash-attn package is not importable; "
-            "install it (pip install flash-attn) or choose 'auto' / 'sdpa'"
+@dataclass(frozen=True)
+class Kernel:
+    """The attention of a model's passes: one of the pack's kernels by ``name``, or a host's ``full`` function
+    ``(q, k, v) -> out`` on [B, H, L, D] for the bidirectional attentions (the causal LLM and the VAE keep the pack's
+    own kernels: ``name``)."""
+
+    name: str = "auto"
+    full: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+def kernel(choice: str | Kernel) -> Kernel:
+    """A Kernel from a backend name (checked) or a Kernel (as is)."""
+    if isinstance(choice, Kernel):
+        return choice
+    if choice not in BACKENDS:
+        raise OvisU1InputError(f"attention {choice!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if choice == "flash_attn" and not flash_attn_available():
+        raise OvisU1InputError(
+            "attention 'flash_attn' was requested but the flash-attn package is not importable (or there is no CUDA "
+            "device); install it (pip install flash-attn) or choose 'auto' / 'sdpa'"
         )
-    global _backend
-    _backend = name
+    return Kernel(choice)
 
 
-def get_attention_backend() -> str:
-    return _backend
+_current: contextvars.ContextVar[Kernel] = contextvars.ContextVar("ovis_u1_attention", default=Kernel())
+
+
+@contextlib.contextmanager
+def using(choice: str | Kernel) -> Iterator[Kernel]:
+    """Within the block, attention in this thread/context runs on ``choice``."""
+    token = _current.set(kernel(choice))
+    try:
+        yield _current.get()
+    finally:
+        _current.reset(token)
+
+
+def current() -> Kernel:
+    return _current.get()
 
 
 def flash_attn_available() -> bool:
@@ -53,7 +87,7 @@ def flash_attn_available() -> bool:
 
 
 def _use_flash(q: torch.Tensor) -> bool:
-    if _backend not in ("auto", "flash_attn"):
+    if _current.get().name not in ("auto", "flash_attn"):
         return False
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
 
@@ -64,11 +98,21 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full bidirectional attention. q, k, v: [B, H, L, D] → [B, H, L, D]."""
+    """Full bidirectional attention on the current kernel (a host's, if one is injected). q, k, v: [B, H, L, D] →
+    [B, H, L, D]."""
+    full = _current.get().full
+    if full is not None:
+        return full(q, k, v)
+    return pack_attention(q, k, v)
+
+
+def pack_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full bidirectional attention on the pack's own kernel of the current choice (the VAE's: one head as wide as
+    the channels, which hosts' fast kernels may not take — ComfyUI's VAEs keep pytorch attention too)."""
     if _use_flash(q):
         out = _flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
-    if _backend == "math":
+    if _current.get().name == "math":
         return _math_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
@@ -95,7 +139,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     mask = None
     if lq > 1 and lq != lk:
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-    if _backend == "math":
+    if _current.get().name == "math":
         scores = (q @ k.transpose(-2, -1)) * scale
         if lq > 1:
             allowed = mask if mask is not None else torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()

@@ -401,8 +401,16 @@ def load_weights(
     device: torch.device,
     dtype_for: Callable[[str, torch.dtype], torch.dtype],
     rename: Callable[[str], str] = lambda k: k,
+    expected: dict[str, tuple[int, ...]] | None = None,
 ) -> None:
-    """Validate the stored keys against ``module`` (built on meta) and assign the weights.
+    """Validate the stored keys against the architecture and hand the weights to ``module``'s layers.
+
+    ``expected`` (key → shape) is the architecture, as its layers declare it (:func:`ovis_u1.model.architecture_shapes`
+    builds it with plain torch.nn layers on the meta device); None takes it from ``module``'s own state dict, which
+    is right only for layers that hold their (meta) weights from construction. A layer built lazily — ComfyUI's
+    ``comfy.ops`` under Dynamic VRAM creates a Linear with ``weight = None`` — has no weight to report until its own
+    ``_load_from_state_dict`` receives one, which is how every weight reaches its layer here
+    (``load_state_dict(assign=True)``), so any layer that fills itself on load is filled.
 
     ``dtype_for(key, stored_dtype)`` picks each floating tensor's dtype; ``rename`` maps stored names
     (e.g. legacy VAE attention names) to the module's. Memory: tensors used in their stored dtype on the CPU are
@@ -414,7 +422,9 @@ def load_weights(
     on_disk = stored_shapes(files)
     original = {rename(k): k for k in on_disk}
     stored = {rename(k): v for k, v in on_disk.items()}
-    expected = {k: tuple(t.shape) for k, t in module.state_dict(keep_vars=True).items() if k not in TIED_KEYS}
+    if expected is None:
+        expected = {k: tuple(t.shape) for k, t in module.state_dict(keep_vars=True).items()}
+    expected = {k: tuple(shape) for k, shape in expected.items() if k not in TIED_KEYS}
     # Legacy VAE attention weights may be stored as 1×1 convolutions; compare them as matrices.
     for k, (shape, path) in list(stored.items()):
         if k in expected and len(shape) == 4 and shape[2:] == (1, 1) and len(expected[k]) == 2:
@@ -442,10 +452,21 @@ def load_weights(
         raise non_finite_error(problems["corrupt"], problems["overflow"], directory)
     result = module.load_state_dict(state, strict=False, assign=True)
     leftover = [k for k in result.missing_keys if k not in TIED_KEYS]
-    if leftover or result.unexpected_keys:  # validate_keys makes this unreachable; keep the promise explicit
-        raise CheckpointError(f"weights not assigned: {_names(leftover + list(result.unexpected_keys))}")
+    unfilled = [k for k in expected if tuple(_assigned_shape(module, k) or ()) != expected[k]]
+    if leftover or result.unexpected_keys or unfilled:  # validate_keys makes this unreachable; keep it explicit
+        raise CheckpointError(f"weights not assigned: {_names(sorted(set(leftover + unfilled)) + list(result.unexpected_keys))}")
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+def _assigned_shape(module: torch.nn.Module, key: str) -> tuple[int, ...] | None:
+    """The shape of the tensor ``module`` now holds under ``key``; None where it holds none."""
+    owner, _, name = key.rpartition(".")
+    try:
+        tensor = getattr(module.get_submodule(owner), name)
+    except AttributeError:
+        return None
+    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
 
 
 MODELS_DIR_ENV = "OVIS_U1_MODELS_DIR"  # extra roots, separated like PATH

@@ -32,6 +32,7 @@ from torch import nn
 
 from .attention import BACKENDS, causal_attention
 from .math import rms_norm
+from .operations import cast_weights_of, namespace_layer, plain_cast_weights
 
 
 # ------------------------------------------------------------------------------------------------- params
@@ -81,20 +82,22 @@ def qwen3_params(llm_config: dict) -> Qwen3Params:
 
 
 # ------------------------------------------------------------------------------------------------ modules
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):
     """transformers' Qwen3RMSNorm: statistics in fp32, ``weight * x_normed.to(x.dtype)``.
 
-    The weight is cast to the input's device and dtype, so the norm also runs when ComfyUI leaves the weights on
-    the offload device or in another dtype.
+    A ``torch.nn.RMSNorm`` with that math; built from a namespace (:func:`norm`) it is the namespace's RMSNorm too,
+    and reads its weight through the namespace's cast (ComfyUI may keep it on the offload device or stream it).
     """
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+    cast_weights = staticmethod(plain_cast_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight.to(device=x.device, dtype=x.dtype), self.eps)
+        with self.cast_weights(self, x) as (weight, _):
+            return rms_norm(x, weight, self.eps)
+
+
+def norm(dim: int, eps: float, operations=nn) -> RMSNorm:
+    return namespace_layer(RMSNorm, operations, "RMSNorm")(dim, eps=eps)
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -159,8 +162,8 @@ class Qwen3Attention(nn.Module):
         self.k_proj = operations.Linear(p.hidden_size, kv_width, bias=p.attention_bias)
         self.v_proj = operations.Linear(p.hidden_size, kv_width, bias=p.attention_bias)
         self.o_proj = operations.Linear(q_width, p.hidden_size, bias=p.attention_bias)
-        self.q_norm = RMSNorm(p.head_dim, p.rms_norm_eps)
-        self.k_norm = RMSNorm(p.head_dim, p.rms_norm_eps)
+        self.q_norm = norm(p.head_dim, p.rms_norm_eps, operations)
+        self.k_norm = norm(p.head_dim, p.rms_norm_eps, operations)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -190,8 +193,8 @@ class Qwen3DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(p, layer, operations)
         self.mlp = Qwen3MLP(p, operations)
-        self.input_layernorm = RMSNorm(p.hidden_size, p.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.input_layernorm = norm(p.hidden_size, p.rms_norm_eps, operations)
+        self.post_attention_layernorm = norm(p.hidden_size, p.rms_norm_eps, operations)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
@@ -206,7 +209,7 @@ class Qwen3Model(nn.Module):
         self.params = p
         self.embed_tokens = operations.Embedding(p.vocab_size, p.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(p, i, operations) for i in range(p.num_hidden_layers))
-        self.norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.norm = norm(p.hidden_size, p.rms_norm_eps, operations)
 
     def forward(self, embeds: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds [B, L, H] (positions continue after the cache) → (final-norm output, input of the last layer)."""
@@ -223,20 +226,24 @@ class Qwen3Model(nn.Module):
 class TiedLMHead(nn.Module):
     """The output projection that reuses the embedding table: no weight of its own, so no second copy.
 
-    The table is held outside the module registry (it is registered once, under ``model.embed_tokens``) and cast
-    to the activation's device and dtype, since with ComfyUI's operations it may sit on the offload device.
+    The table is held outside the module registry (it is registered once, under ``model.embed_tokens``) and read
+    through the namespace's cast of that layer, as ComfyUI's own Qwen3 reads it (``comfy/text_encoders/llama.py``,
+    ``BaseQwen3.logits``): under ComfyUI's lowvram or Dynamic VRAM the table stays on the offload device and only
+    the cast brings it to the computing device.
     """
 
-    def __init__(self, embedding: nn.Module):
+    def __init__(self, embedding: nn.Module, operations=nn):
         super().__init__()
         object.__setattr__(self, "_embedding", embedding)
+        self.cast_weights = cast_weights_of(operations)
 
     @property
     def weight(self) -> torch.Tensor:
         return self._embedding.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(device=x.device, dtype=x.dtype))
+        with self.cast_weights(self._embedding, x) as (table, _):
+            return F.linear(x, table)
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -247,7 +254,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.params = p
         self.model = Qwen3Model(p, operations)
         if p.tie_word_embeddings:
-            self.lm_head = TiedLMHead(self.model.embed_tokens)
+            self.lm_head = TiedLMHead(self.model.embed_tokens, operations)
         else:
             self.lm_head = operations.Linear(p.hidden_size, p.vocab_size, bias=False)
 
@@ -259,8 +266,8 @@ def build_llm(llm_config: dict, attention: str = "auto", operations=nn) -> Qwen3
     """The Qwen3 of ``llm_config`` with every Linear/Embedding from ``operations``; call under
     ``torch.device('meta')`` to allocate nothing (nothing needs fixing after the weights are assigned).
 
-    ``attention`` is only checked here: the kernel is chosen by ``attention.set_attention_backend``, one switch
-    for every part of the model.
+    ``attention`` is only checked here: the kernel of a pass is the one its caller sets with ``attention.using``
+    (``OvisU1`` sets its own for each of its passes).
     """
     if attention not in BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {attention!r}")

@@ -11,7 +11,7 @@ Sequence order everywhere: [text (L), noise (N), context (N)]; RoPE ids text [0,
 context [1,row,col]. Parameter names equal the checkpoint keys under ``visual_generator.backbone.``.
 
 Every Linear comes from the ``operations`` namespace given to :class:`MMDiT` (default ``torch.nn``; see
-:mod:`ovis_u1.operations`); the QK-norm's ``scale`` is the pack's own and is cast to the activation at use.
+:mod:`ovis_u1.operations`); the QK-norm's ``scale`` is the pack's own and is read through the namespace's ``cast_to``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .attention import attention
 from .config import MMDiTParams
 from .math import apply_rope, embed_positions, grid_ids, rms_norm, timestep_embedding
-from .operations import cast_like
+from .operations import cast_to_of
 from .refiner import TokenRefiner
 
 LN_EPS = 1e-6
@@ -57,22 +57,25 @@ def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim, computed in fp32, cast back, times a learnable ``scale``."""
+    """RMS norm over the last dim, computed in fp32, cast back, times a learnable ``scale`` — a free parameter (its
+    checkpoint key is ``scale``, not a norm layer's ``weight``), read through the namespace's ``cast_to`` as core's
+    FLUX reads it (``comfy/ldm/flux/layers.py``: RMSNorm → ``comfy.ldm.common_dit.rms_norm``)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, operations=nn):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.cast_to = cast_to_of(operations)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, cast_like(self.scale, x), self.eps)
+        return rms_norm(x, self.cast_to(self.scale, x), self.eps)
 
 
 class QKNorm(nn.Module):
-    def __init__(self, head_dim: int):
+    def __init__(self, head_dim: int, operations=nn):
         super().__init__()
-        self.query_norm = RMSNorm(head_dim)
-        self.key_norm = RMSNorm(head_dim)
+        self.query_norm = RMSNorm(head_dim, operations=operations)
+        self.key_norm = RMSNorm(head_dim, operations=operations)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
@@ -85,7 +88,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = operations.Linear(hidden, 3 * hidden, bias=qkv_bias)
-        self.norm = QKNorm(hidden // num_heads)
+        self.norm = QKNorm(hidden // num_heads, operations)
         self.proj = operations.Linear(hidden, hidden)
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,7 +174,7 @@ class SingleStreamBlock(nn.Module):
         self.mlp_hidden = int(hidden * mlp_ratio)
         self.linear1 = operations.Linear(hidden, 3 * hidden + self.mlp_hidden)
         self.linear2 = operations.Linear(hidden + self.mlp_hidden, hidden)
-        self.norm = QKNorm(hidden // num_heads)
+        self.norm = QKNorm(hidden // num_heads, operations)
         self.modulation = Modulation(hidden, 3, operations)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ answers questions about images.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from . import prompts
-from .attention import set_attention_backend
+from . import attention as attention_kernels
 from .checkpoint import check_directory, load_weights, reading_ahead
 from .config import OvisU1Params, load_params
 from .inputs import (  # re-exported: these names were defined here first
@@ -41,7 +42,7 @@ from .inputs import check_edit_image, check_finite, check_pil_image
 from .truncation import check_truncation
 from .llm import build_llm, condition_states, generate
 from .mmdit import MMDiT
-from .operations import casts_weights, compute_dtype, manual_cast, parse_weight_dtype
+from .operations import casts_weights, cast_weights_of, compute_dtype, manual_cast, parse_weight_dtype
 from .preprocess import (
     condition_image,
     edit_target_size,
@@ -104,6 +105,17 @@ def _device_of(module: nn.Module) -> torch.device:
     return device if device is not None else next(module.parameters()).device
 
 
+def _with_attention(method):
+    """Run a pass of the model on the model's own attention kernel (``self.attention``)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with attention_kernels.using(self.attention):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 def _dtype_of(module: nn.Module) -> torch.dtype:
     """The dtype a part computes in (not its fp8 storage dtype)."""
     return compute_dtype(module)
@@ -124,6 +136,8 @@ class OvisU1(nn.Module):
         super().__init__()
         self.params = params
         self.tokenizer = tokenizer
+        self.attention = attention_kernels.kernel(attention)
+        self.cast_weights = cast_weights_of(operations)  # reads the visual embedding table outside its forward
         self.llm = build_llm(params.llm_config, attention, operations)
         self.visual_tokenizer = VisualTokenizer(params.vision, operations=operations)
         self.vte = operations.Embedding(params.vision.vocab_size, params.hidden_size)
@@ -138,8 +152,10 @@ class OvisU1(nn.Module):
     def vae(self) -> AutoencoderKL:
         return self.visual_generator.vae
 
-    def set_attention(self, attention: str) -> None:
-        set_attention_backend(attention)
+    def set_attention(self, attention) -> None:
+        """The attention kernel of this model's passes: a backend name (``attention.BACKENDS``) or a
+        ``attention.Kernel`` (a host's selection); other models keep theirs."""
+        self.attention = attention_kernels.kernel(attention)
 
     # ------------------------------------------------------------------------------------ multimodal input
     def _visual_embeds(self, images: list[Image.Image], num_images: int = 1) -> list[torch.Tensor]:
@@ -153,7 +169,7 @@ class OvisU1(nn.Module):
         pixel_values = torch.cat(pixels).to(device=device, dtype=dtype)
         grid_thws = torch.cat(grids).to(device)
         probs = self.visual_tokenizer(pixel_values, grid_thws)
-        embeds = visual_embeddings(probs, self.vte.weight)
+        embeds = visual_embeddings(probs, self.vte, self.cast_weights)
         counts = [int(g.prod()) // self.params.vision.hidden_stride**2 for g in grids]
         return list(embeds.split(counts))
 
@@ -181,13 +197,15 @@ class OvisU1(nn.Module):
                 image_index += 1
             else:
                 row = vocab - 5 + prompts.IMAGE_INDICATOR_IDS.index(tid)
-                pieces.append(self.vte.weight[row : row + 1].to(device=device, dtype=text.dtype))
+                indicator = self.vte(torch.tensor([row], device=device))  # the row through the layer's own cast
+                pieces.append(indicator.to(device=device, dtype=text.dtype))
             start = pos + 1
         pieces.append(text[start:])
         merged = torch.cat(pieces)
         return merged[-self.params.multimodal_max_length :]
 
     # ------------------------------------------------------------------------------------- understanding
+    @_with_attention
     @torch.inference_mode()
     def understand(
         self,
@@ -225,6 +243,7 @@ class OvisU1(nn.Module):
         """(width, height) of an edit of ``image`` (SPEC §C.3)."""
         return check_edit_image(check_pil_image(image, "image"), "image")
 
+    @_with_attention
     @torch.inference_mode()
     def encode_condition(
         self,
@@ -264,6 +283,7 @@ class OvisU1(nn.Module):
         states = condition_states(self.llm, embeds)
         return Condition(mode, width, height, {b: s[None] for b, s in zip(branch_names, states)}, warnings=notes)
 
+    @_with_attention
     @torch.inference_mode()
     def refine(self, condition: Condition) -> Refined:
         """Token refiner for every branch; branches of equal length run as one batch."""
@@ -280,6 +300,7 @@ class OvisU1(nn.Module):
                 out[n] = (tokens[i : i + 1], pooled[i : i + 1])
         return Refined(condition.mode, condition.width, condition.height, out)
 
+    @_with_attention
     @torch.inference_mode()
     def encode_context(self, image: Image.Image, seed: int = 42) -> EditContext:
         """Edit source → VAE posterior sample (CPU generator seeded with ``seed``) → scaled, packed tokens."""
@@ -291,6 +312,7 @@ class OvisU1(nn.Module):
         tokens = pack_latents(vae_to_latent(z, self.params.vae))
         return EditContext(tokens=tokens, width=width, height=height, image=source)
 
+    @_with_attention
     @torch.inference_mode()
     def sample(
         self,
@@ -360,6 +382,7 @@ class OvisU1(nn.Module):
         return latent_to_vae(unpack_latents(x.float(), height, width), self.params.vae)
 
     # --------------------------------------------------------------------------------------------- VAE
+    @_with_attention
     @torch.inference_mode()
     def vae_encode(self, pixels: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] → VAE latent (posterior sample with a seeded CPU generator, or its mean).
@@ -374,6 +397,7 @@ class OvisU1(nn.Module):
             return mean.float()
         return vae.sample_latent(mean, logvar, generator=torch.Generator().manual_seed(seed)).float()
 
+    @_with_attention
     @torch.inference_mode()
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
         """VAE latent [B, 4, h, w] → images [B, 3, 8h, 8w] in [-1, 1] (clamped)."""
@@ -426,9 +450,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
 FP8_PARTS = ("llm.", "visual_tokenizer.", "vte.", "visual_generator.backbone.")  # never the VAE
 
 
-def fp8_keys(model: nn.Module) -> set[str]:
+def architecture_shapes(params: OvisU1Params) -> dict[str, tuple[int, ...]]:
+    """Every stored key of the architecture ``params`` describe, with its shape: the model built with plain torch.nn
+    layers on the meta device (nothing allocated). The reference for a checkpoint's keys, whatever namespace the
+    loaded model is built from — a lazily built layer (ComfyUI under Dynamic VRAM) declares no weight until it is
+    loaded."""
+    with torch.device("meta"):
+        reference = OvisU1(params)
+    return {k: tuple(t.shape) for k, t in reference.state_dict(keep_vars=True).items()}
+
+
+def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None) -> set[str]:
     """State-dict keys that fp8 storage applies to: the matrices (≥ 2-D weights) of layers that cast their weights
-    at use, in the LLM, the visual encoder and embedding table, and the MMDiT.
+    at use, in the LLM, the visual encoder and embedding table, and the MMDiT. ``shapes``: the architecture's key
+    shapes (:func:`architecture_shapes`), needed when the layers are built lazily and hold no weight yet; None reads
+    them from the layers.
 
     Biases, norm weights and free parameters (positional table, cls token) keep the compute dtype: they are a
     negligible share of the bytes and the values most sensitive to rounding. Layers that cannot cast (plain
@@ -438,9 +474,13 @@ def fp8_keys(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if not casts_weights(module):
             continue
-        weight = getattr(module, "weight", None)
         key = f"{name}.weight"
-        if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and key.startswith(FP8_PARTS):
+        if shapes is not None:
+            shape = shapes.get(key)
+        else:
+            weight = getattr(module, "weight", None)
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        if shape is not None and len(shape) >= 2 and key.startswith(FP8_PARTS):
             keys.add(key)
     return keys
 
@@ -474,18 +514,19 @@ def load_model(
     dtype = dtype or default_dtype(device)
     params = load_params(directory)
     tokenizer = prompts.load_tokenizer(directory)
-    set_attention_backend(attention)
+    attention_kernels.kernel(attention)  # an unusable choice fails before anything is read
     with reading_ahead(directory):  # the disk reads while the model is built
         with torch.device("meta"):
             model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations)
-        stored_in_fp8 = fp8_keys(model) if weight_dtype is not None else set()
+        shapes = architecture_shapes(params)
+        stored_in_fp8 = fp8_keys(model, shapes) if weight_dtype is not None else set()
 
         def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
             if key.startswith("visual_generator.vae."):
                 return torch.float32
             return weight_dtype if key in stored_in_fp8 else dtype
 
-        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key)
+        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key, expected=shapes)
     for module in model.modules():  # fp8 tables give their rows in the compute dtype
         if isinstance(module, manual_cast.Embedding):
             module.compute_dtype = dtype

@@ -12,6 +12,9 @@ what lets weights live on another device than the activations. This module never
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +28,58 @@ def cast_like(t: Tensor | None, x: Tensor) -> Tensor | None:
     if t is None:
         return None
     return t.to(device=x.device, dtype=x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights read outside a layer's own forward
+# ---------------------------------------------------------------------------------------------------------------------
+# A memory manager may keep weights where only its own cast reaches them (ComfyUI's Dynamic VRAM streams every weight
+# through the layer's cast; its lowvram path keeps them on the offload device). So a weight that the library reads at
+# compute time — a tied LM head's table, the visual embedding table, a norm's weight, a free parameter such as a
+# positional table — is read through the namespace, never directly. A namespace may provide:
+#
+#   cast_to(tensor, like)         a free parameter on like's device in like's dtype (ComfyUI: model_management.cast_to)
+#   cast_weights(layer, like)     a context manager giving (weight, bias) of one of its layers on like's device in
+#                                 like's dtype, for use inside the block (ComfyUI: ops.cast_bias_weight)
+#
+# Namespaces without them (torch.nn, the manual cast below) get the plain casts.
+
+def plain_cast_to(t: Tensor, like: Tensor) -> Tensor:
+    return cast_like(t, like)
+
+
+@contextlib.contextmanager
+def plain_cast_weights(layer: nn.Module, like: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
+    yield cast_like(layer.weight, like), cast_like(getattr(layer, "bias", None), like)
+
+
+def cast_to_of(operations) -> Callable[[Tensor, Tensor], Tensor]:
+    """The namespace's cast for free parameters."""
+    return getattr(operations, "cast_to", plain_cast_to)
+
+
+def cast_weights_of(operations) -> Callable:
+    """The namespace's cast for a layer's weights read outside the layer's forward."""
+    return getattr(operations, "cast_weights", plain_cast_weights)
+
+
+_JOINED: dict[tuple, type] = {}
+
+
+def namespace_layer(own: type, operations, base: str) -> type:
+    """``own`` — a ``torch.nn.<base>`` subclass with the pack's own math, reading its weights through
+    ``self.cast_weights`` — joined with the namespace's ``<base>`` layer, so that the memory manager sees one of its
+    own layers (streamed, patched, counted) while the numbers stay the pack's. Namespaces without ``<base>`` get
+    ``own`` with their weight cast."""
+    layer = getattr(operations, base, None)
+    cast = cast_weights_of(operations)
+    bases = (own,) if layer is None or issubclass(own, layer) else (own, layer)
+    if bases == (own,) and cast is own.cast_weights:
+        return own
+    key = (bases, cast)
+    if key not in _JOINED:
+        _JOINED[key] = type(own.__name__, bases, {"cast_weights": staticmethod(cast), "__module__": own.__module__})
+    return _JOINED[key]
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .config import MMDiTParams
-from .operations import cast_like
+from .operations import cast_to_of
 
 # Fixed by the architecture (not in config.json): the checkpoint stores individual_token_refiner.blocks.{0,1},
 # the attention uses twice the MMDiT head count, and the MLP is 4× wide.
@@ -89,6 +89,7 @@ class TokenRefiner(nn.Module):
         super().__init__()
         hidden = params.hidden_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.cast_to = cast_to_of(operations)
         self.input_embedder = operations.Linear(params.context_in_dim, hidden)
         self.c_embedder = TextProjection(params.context_in_dim, hidden, operations)
         self.individual_token_refiner = IndividualTokenRefiner(
@@ -98,6 +99,6 @@ class TokenRefiner(nn.Module):
     def forward(self, txt: Tensor) -> tuple[Tensor, Tensor]:
         c = self.c_embedder(txt.mean(dim=1))
         x = self.input_embedder(txt)
-        x = torch.cat([cast_like(self.cls_token, x).expand(x.shape[0], -1, -1), x], dim=1)
+        x = torch.cat([self.cast_to(self.cls_token, x).expand(x.shape[0], -1, -1), x], dim=1)
         x = self.individual_token_refiner(x, c)
         return x[:, 1:], x[:, 0]

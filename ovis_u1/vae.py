@@ -17,9 +17,9 @@ gives sane output on any device; in fp32 the computation is operation-for-operat
 
 The scaling/shift factors are applied outside: :func:`vae_to_latent` / :func:`latent_to_vae` (SPEC §C.7, §C.9).
 
-Conv2d and Linear layers come from the ``operations`` namespace given to :class:`AutoencoderKL` (default
-``torch.nn``; see :mod:`ovis_u1.operations`). The GroupNorms are the pack's own (their math differs in half
-precision) and cast their weights to the input's device at use.
+Every layer comes from the ``operations`` namespace given to :class:`AutoencoderKL` (default ``torch.nn``; see
+:mod:`ovis_u1.operations`); the GroupNorms are the namespace's GroupNorm with the pack's math (it differs in half
+precision), reading their weights through the namespace's cast.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import pack_attention
 from .config import VAEParams
-from .operations import cast_like
+from .operations import namespace_layer, plain_cast_weights
 
 __all__ = [
     "AutoencoderKL",
@@ -46,23 +46,25 @@ _EPS = 1e-6
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class GroupNorm32(nn.Module):
+class GroupNorm32(nn.GroupNorm):
     """Affine GroupNorm that normalises in fp32 when its input is fp16/bf16 and casts the result back.
 
-    The pack's own module (not a torch.nn.GroupNorm) because its half-precision math differs from an operations
-    GroupNorm; its ``weight``/``bias`` are cast to the (fp32-promoted) input's device and dtype at use.
+    Its half-precision math differs from a plain GroupNorm; built from a namespace (:func:`group_norm`) it is the
+    namespace's GroupNorm with this math, reading ``weight``/``bias`` through the namespace's cast at the
+    (fp32-promoted) input's device and dtype.
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = _EPS):
-        super().__init__()
-        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+    cast_weights = staticmethod(plain_cast_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.float() if x.dtype in _LOW_PRECISION else x
-        out = F.group_norm(xc, self.num_groups, cast_like(self.weight, xc), cast_like(self.bias, xc), self.eps)
+        with self.cast_weights(self, xc) as (weight, bias):
+            out = F.group_norm(xc, self.num_groups, weight, bias, self.eps)
         return out.to(x.dtype)
+
+
+def group_norm(num_groups: int, num_channels: int, operations=nn) -> GroupNorm32:
+    return namespace_layer(GroupNorm32, operations, "GroupNorm")(num_groups, num_channels, eps=_EPS)
 
 
 class ResnetBlock(nn.Module):
@@ -70,9 +72,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, operations=nn):
         super().__init__()
-        self.norm1 = GroupNorm32(groups, in_channels, eps=_EPS)
+        self.norm1 = group_norm(groups, in_channels, operations)
         self.conv1 = operations.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm32(groups, out_channels, eps=_EPS)
+        self.norm2 = group_norm(groups, out_channels, operations)
         self.conv2 = operations.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = operations.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -91,7 +93,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, operations=nn):
         super().__init__()
-        self.group_norm = GroupNorm32(groups, channels, eps=_EPS)
+        self.group_norm = group_norm(groups, channels, operations)
         self.to_q = operations.Linear(channels, channels)
         self.to_k = operations.Linear(channels, channels)
         self.to_v = operations.Linear(channels, channels)
@@ -105,9 +107,9 @@ class AttentionBlock(nn.Module):
         k = self.to_k(tokens)[:, None]
         v = self.to_v(tokens)[:, None]
         if q.dtype in _LOW_PRECISION:
-            out = attention(q.float(), k.float(), v.float()).to(q.dtype)
+            out = pack_attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
-            out = attention(q, k, v)
+            out = pack_attention(q, k, v)
         out = self.to_out[0](out[:, 0])
         return out.transpose(1, 2).reshape(b, c, h, w) + x
 
@@ -203,7 +205,7 @@ class Encoder(nn.Module):
             ]
         )
         self.mid_block = MidBlock(ch[-1], g, p.mid_block_add_attention, operations)
-        self.conv_norm_out = GroupNorm32(g, ch[-1], eps=_EPS)
+        self.conv_norm_out = group_norm(g, ch[-1], operations)
         self.conv_out = operations.Conv2d(ch[-1], 2 * p.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +230,7 @@ class Decoder(nn.Module):
                 for i in range(len(ch))
             ]
         )
-        self.conv_norm_out = GroupNorm32(g, ch[-1], eps=_EPS)
+        self.conv_norm_out = group_norm(g, ch[-1], operations)
         self.conv_out = operations.Conv2d(ch[-1], p.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

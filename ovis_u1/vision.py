@@ -8,9 +8,9 @@ No buffers: the RoPE angles, the window permutation and the attention segments d
 computed in ``forward`` (``VisualGeometry``, cached per grid and device in a plain dict), so the model can be built on
 the meta device. Parameters may be fp32, bf16 or fp16; RMSNorm statistics, RoPE and the head softmax run in fp32.
 
-Every Linear/Conv2d/LayerNorm comes from the ``operations`` namespace given to :class:`VisualTokenizer` (default
-``torch.nn``; see :mod:`ovis_u1.operations`). The pack's own RMSNorm and the positional table cast their weights to
-the activation's device and dtype at use, so weights may stay on an offload device or in another dtype.
+Every layer comes from the ``operations`` namespace given to :class:`VisualTokenizer` (default ``torch.nn``; see
+:mod:`ovis_u1.operations`); the RMSNorm is the namespace's with the pack's fp32-statistics math, and the positional
+table is read through the namespace's ``cast_to``, so weights may stay on an offload device or in another dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from .attention import attention_segments
 from .config import VisionParams
 from .math import rms_norm
-from .operations import cast_like
+from .operations import cast_to_of, namespace_layer, plain_cast_weights
 
 NUM_INDICATOR_TOKENS = 4  # vte rows V-4..V-1 are reserved for the image indicators (SPEC §B.5/§B.6)
 
@@ -141,29 +141,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-def visual_embeddings(probs: torch.Tensor, vte_weight: torch.Tensor) -> torch.Tensor:
+def visual_embeddings(probs: torch.Tensor, vte: nn.Module, cast_weights=plain_cast_weights) -> torch.Tensor:
     """Soft visual embeddings ``probs @ vte.weight`` [N/4, V] × [V, H] → [N/4, H] (SPEC §B.5, MOU:VisualEmbedding).
 
-    Computed in the dtype and on the device of ``probs``: the table is cast to them (it may be stored in fp8 or on
-    an offload device).
+    Computed in the dtype and on the device of ``probs``: the table is read through ``cast_weights`` (the
+    namespace's cast of the embedding layer; it may be stored in fp8 or kept on an offload device).
     """
-    return torch.matmul(probs, cast_like(vte_weight, probs))
+    with cast_weights(vte, probs) as (table, _):
+        return torch.matmul(probs, table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------------------------
 
-class RMSNorm(nn.Module):
-    """RMSNorm with statistics in fp32, cast back to the input dtype, then times ``weight`` (§B.4)."""
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm with statistics in fp32, cast back to the input dtype, then times ``weight`` (§B.4); built from a
+    namespace by :func:`norm`, it reads its weight through the namespace's cast."""
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+    cast_weights = staticmethod(plain_cast_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, cast_like(self.weight, x), self.eps)
+        with self.cast_weights(self, x) as (weight, _):
+            return rms_norm(x, weight, self.eps)
+
+
+def norm(dim: int, eps: float, operations=nn) -> RMSNorm:
+    return namespace_layer(RMSNorm, operations, "RMSNorm")(dim, eps=eps)
 
 
 class PatchEmbed(nn.Module):
@@ -176,7 +180,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
         self.proj = operations.Conv2d(p.num_channels, p.hidden_size, kernel_size=p.patch_size, stride=p.patch_size)
-        self.norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.norm = norm(p.hidden_size, p.rms_norm_eps, operations)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         c, ps = self.proj.in_channels, self.proj.kernel_size[0]
@@ -195,6 +199,7 @@ class Preprocessor(nn.Module):
         super().__init__()
         self.params = p
         self.patchifier = PatchEmbed(p, operations)
+        self.cast_to = cast_to_of(operations)
         if p.preserve_original_pe:
             num_patches = (p.image_size // p.patch_size) ** 2
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, p.hidden_size))
@@ -204,11 +209,12 @@ class Preprocessor(nn.Module):
         if not self.params.preserve_original_pe:
             return tokens
         s = self.params.hidden_stride
+        table = self.cast_to(self.pos_embed, tokens)
         pes = []
         for t, h, w in grids:
-            pe = interpolate_pos_embed(self.pos_embed.to(tokens.device), h, w, self.params.interpolate_pe_method).repeat(t, 1)
+            pe = interpolate_pos_embed(table, h, w, self.params.interpolate_pe_method).repeat(t, 1)
             pes.append(raster_to_merge_order(pe, t, h, w, s))
-        return tokens + cast_like(torch.cat(pes), tokens)
+        return tokens + torch.cat(pes).to(tokens.dtype)  # interpolate_pos_embed computes in fp32
 
 
 class Attention(nn.Module):
@@ -247,9 +253,9 @@ class Block(nn.Module):
 
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
-        self.norm_1 = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.norm_1 = norm(p.hidden_size, p.rms_norm_eps, operations)
         self.attn = Attention(p, operations)
-        self.norm_2 = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.norm_2 = norm(p.hidden_size, p.rms_norm_eps, operations)
         self.mlp = SwiGLU(p, operations)
 
     def forward(self, x: torch.Tensor, lengths: list[int], cos, sin) -> torch.Tensor:
@@ -264,7 +270,7 @@ class Trunk(nn.Module):
         super().__init__()
         self.params = p
         self.blocks = nn.ModuleList(Block(p, operations) for _ in range(p.num_layers))
-        self.post_trunk_norm = RMSNorm(p.hidden_size, p.rms_norm_eps)
+        self.post_trunk_norm = norm(p.hidden_size, p.rms_norm_eps, operations)
 
     def is_full_attention(self, index: int) -> bool:
         full = self.params.fullatt_block_indexes

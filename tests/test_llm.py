@@ -106,11 +106,8 @@ def test_attention_backends_agree(pair, backend):
     e = embeds_of(10, seed=4)
     with torch.no_grad():
         base, _ = ours.model(e)
-        attn.set_attention_backend(backend)
-        try:
+        with attn.using(backend):
             other, _ = ours.model(e)
-        finally:
-            attn.set_attention_backend("auto")
     torch.testing.assert_close(other, base, **FP32)
 
 
