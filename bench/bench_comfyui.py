@@ -88,7 +88,6 @@ def main():
                                     load_weights=True)
             else:
                 mm.load_models_gpu([patcher])
-            managed.model.set_attention(managed.attention)
             start = time.perf_counter()
             run_pass(managed.model, part, a.size)
             seconds = time.perf_counter() - start

@@ -13,6 +13,10 @@ NVIDIA; ``ModelPatcher`` before) and is loaded by ``load_models_gpu`` with an ac
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+
 import torch
 from torch import nn
 
@@ -39,7 +43,8 @@ def patcher_class():
 
 def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None):
     """ComfyUI's operations for weights stored in ``weight_dtype`` (None: the compute dtype) and computed in
-    ``compute_dtype`` — the call ``comfy.model_base.BaseModel`` makes for its own diffusion models."""
+    ``compute_dtype`` — the call ``comfy.model_base.BaseModel`` makes for its own diffusion models — with the two
+    casts the library reads weights through outside a layer's own forward (see ``ovis_u1.operations``)."""
     storage = _TORCH_WEIGHT_DTYPES.get(weight_dtype, compute_dtype) if weight_dtype else compute_dtype
     manual_cast = None if storage == compute_dtype else compute_dtype
     ops = comfy.ops.pick_operations(storage, manual_cast, load_device=load_device())
@@ -53,7 +58,36 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
                 kwargs.setdefault("out_dtype", compute_dtype)
                 return super().forward(*args, **kwargs)
 
+        cast_to = staticmethod(cast_free_parameter)
+        cast_weights = staticmethod(cast_layer_weights)
+
     return Operations
+
+
+def cast_free_parameter(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A parameter outside every cast layer, as core casts its own (``comfy.ldm.common_dit.rms_norm``)."""
+    return mm.cast_to(tensor, dtype=like.dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _offloadable_casts() -> bool:
+    """ComfyUI ≥ 0.8 casts with ``offloadable=True`` and hands the weights back with ``uncast_bias_weight`` (its
+    streams and Dynamic VRAM's pins); older versions cast in one call."""
+    return "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+
+
+@contextlib.contextmanager
+def cast_layer_weights(layer: nn.Module, like: torch.Tensor):
+    """(weight, bias) of a ComfyUI layer on like's device in like's dtype, through ComfyUI's own cast (streamed,
+    patched — LoRA — and pinned as for a forward of the layer), for the duration of the block."""
+    if _offloadable_casts():
+        weight, bias, stream = comfy.ops.cast_bias_weight(layer, like, offloadable=True)
+        try:
+            yield weight, bias
+        finally:
+            comfy.ops.uncast_bias_weight(layer, weight, bias, stream)
+    else:
+        yield comfy.ops.cast_bias_weight(layer, like)
 
 
 def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto"):
@@ -101,7 +135,11 @@ class ManagedModel:
         self.core_model = None  # the MMDiT as a core MODEL (a patcher), inside ComfyUI
         self.core_vae = None  # the VAE as a core VAE, inside ComfyUI
         if IN_COMFYUI:
+            from .attention import comfy_kernel
             from .native import make_core_model, make_core_vae
+
+            if attention == "auto":  # ComfyUI's selection (its flags); sdpa / flash_attn force the pack's own
+                model.set_attention(comfy_kernel())
 
             llm = _container(OvisU1LLM, llm=model.llm, visual_tokenizer=model.visual_tokenizer, vte=model.vte)
             self.patchers["llm"] = patcher_class()(
@@ -118,7 +156,6 @@ class ManagedModel:
         ``memory_required`` (bytes of activations) lets ComfyUI offload other models first, the other parts of this
         one included, and load this part only partially when weights + activations do not fit.
         """
-        self.model.set_attention(self.attention)
         patcher = self.patchers.get(part)
         if patcher is not None:
             mm.load_models_gpu([patcher], memory_required=memory_required)

@@ -32,10 +32,12 @@ import comfy.patcher_extension
 import comfy.sd
 import comfy.supported_models_base
 
+from ovis_u1 import attention
 from ovis_u1.sampling import pack_latents, unpack_latents
 
 from .. import estimates
 from . import load_device, offload_device
+from .attention import comfy_kernel, is_comfy
 from .memory import patcher_class, weight_bytes
 
 DEFAULT_SHIFT_TOKENS = 4096  # 1024×1024: the size the shift of KSampler's own schedulers is computed for
@@ -94,10 +96,16 @@ class OvisU1DiffusionModel(nn.Module):
     packed into 2×2 tokens, the edit context (``ref_latents``) is prepended as context tokens, the velocity is
     unpacked back. Wrappers of ``WrappersMP.DIFFUSION_MODEL`` (EasyCache) see the latent as the first argument."""
 
-    def __init__(self, mmdit, dtype: torch.dtype):
+    def __init__(self, mmdit, dtype: torch.dtype, kernel: attention.Kernel | None = None):
         super().__init__()
         self.mmdit = mmdit
         self.dtype = dtype
+        self.kernel = kernel or comfy_kernel()  # the loader's attention choice
+
+    def kernel_for(self, transformer_options: dict | None = None) -> attention.Kernel:
+        """The kernel of a pass: ComfyUI's selection with this sampling's ``transformer_options`` (its attention
+        overrides), unless the loader forced one of the pack's own."""
+        return comfy_kernel(transformer_options) if is_comfy(self.kernel) else self.kernel
 
     def forward(self, x, timestep, context, pooled=None, ref_latents=None, control=None, transformer_options={},
                 **kwargs):
@@ -125,17 +133,19 @@ class OvisU1DiffusionModel(nn.Module):
                     f"the edit context is {ref_latents[0].shape[-1] * 8}×{ref_latents[0].shape[-2] * 8} but the latent "
                     f"is {width}×{height}: sample at the edit size (the 'latent' output of the Edit Context Encoder)"
                 )
-        prepared = self.mmdit.prepare(context.to(x.dtype), pooled.to(x.dtype), height, width, context=ctx)
-        velocity = self.mmdit(tokens, timestep.to(x.dtype), prepared)
+        with attention.using(self.kernel_for(transformer_options)):
+            prepared = self.mmdit.prepare(context.to(x.dtype), pooled.to(x.dtype), height, width, context=ctx)
+            velocity = self.mmdit(tokens, timestep.to(x.dtype), prepared)
         return unpack_latents(velocity, height, width, channels=x.shape[1])
 
 
 class OvisU1Native(comfy.model_base.BaseModel):
     """The MMDiT (with its token refiner) as a core MODEL."""
 
-    def __init__(self, model_config: OvisU1ModelConfig, mmdit, storage_dtype: torch.dtype):
+    def __init__(self, model_config: OvisU1ModelConfig, mmdit, storage_dtype: torch.dtype,
+                 kernel: attention.Kernel | None = None):
         super().__init__(model_config, comfy.model_base.ModelType.FLUX, device=None)
-        self.diffusion_model = OvisU1DiffusionModel(mmdit, storage_dtype)
+        self.diffusion_model = OvisU1DiffusionModel(mmdit, storage_dtype, kernel)
         self.model_sampling = OvisU1ModelSampling(model_config)
         self.memory_usage_factor_conds = ("text", "ref")
         if hasattr(mm, "archive_model_dtypes"):  # ComfyUI ≥ 0.8: the dtypes its dynamic loader restores
@@ -155,7 +165,7 @@ class OvisU1Native(comfy.model_base.BaseModel):
         if states is not None:
             # The token refiner does not depend on the time: once here, not at every step.
             device, dtype = kwargs.get("device", load_device()), self.compute_dtype()
-            with torch.no_grad():
+            with torch.no_grad(), attention.using(self.diffusion_model.kernel_for()):
                 tokens, pooled = self.mmdit.refine(states.to(device=device, dtype=dtype))
             out["c_crossattn"] = comfy.conds.CONDRegular(tokens)  # never padded/repeated: joint attention
             out["pooled"] = comfy.conds.CONDRegular(pooled)
@@ -193,7 +203,7 @@ def make_core_model(ovis, compute_dtype: torch.dtype, weight_dtype: str | None =
     """The MMDiT as a core MODEL: a patcher over ``OvisU1Native``, sized by the MMDiT's own weights."""
     storage = _storage_dtype(ovis.mmdit, compute_dtype)
     config = OvisU1ModelConfig(ovis, compute_dtype, storage)
-    native = OvisU1Native(config, ovis.mmdit, storage)
+    native = OvisU1Native(config, ovis.mmdit, storage, ovis.attention)
     return patcher_class()(native, load_device=load_device(), offload_device=offload_device(),
                            size=weight_bytes(ovis.mmdit))
 

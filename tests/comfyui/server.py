@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.comfyui import layers
+
 PACK_DIR_NAME = "ComfyUI-Ovis-U1"
 MODEL_FOLDER = "Ovis-U1-3B"
 DONE_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
@@ -68,7 +70,9 @@ class ComfyServer:
     pack: Path  # this repository
     checkpoint: Path
     python: str = sys.executable
-    extra_args: list[str] = field(default_factory=lambda: ["--preview-method", "latent2rgb"])
+    # pytorch attention: ComfyUI's CPU default (sub-quadratic) orders the sums differently from the official SDPA
+    extra_args: list[str] = field(default_factory=lambda: ["--preview-method", "latent2rgb",
+                                                           "--use-pytorch-cross-attention"])
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -78,6 +82,10 @@ class ComfyServer:
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         (self.base / "custom_nodes" / PACK_DIR_NAME).symlink_to(self.pack, target_is_directory=True)
         (self.base / "models" / "ovis_u1" / MODEL_FOLDER).symlink_to(self.checkpoint, target_is_directory=True)
+        if layers.LAZY:
+            node = self.base / "custom_nodes" / layers.LAZY_LAYERS_NODE_DIR
+            node.mkdir()
+            (node / "__init__.py").write_text(layers.LAZY_LAYERS_NODE.format(root=str(self.pack)))
 
     def add_input(self, source: Path, name: str) -> str:
         """Put an image in ComfyUI's input folder (what LoadImage lists) and return its name."""
