@@ -443,7 +443,8 @@ def test_widget_slots_follow_the_frontend_conventions():
 # --------------------------------------------------------------------------------------------------- execution
 # CI runs on a small CPU: the sampler runs 2 steps instead of the saved 50 and an answer stops after 8 tokens. Every
 # other widget (sizes, cfg, seed, prompts) is executed as saved; the validation above checks the saved defaults.
-CI_OVERRIDES = {"OvisU1Sampler": {"steps": 2}, "OvisU1Understand": {"max_new_tokens": 8}}
+CI_OVERRIDES = {"OvisU1Sampler": {"steps": 2}, "OvisU1Scheduler": {"steps": 2},
+                "OvisU1Understand": {"max_new_tokens": 8}}
 
 
 def _load_image(path: Path) -> torch.Tensor:

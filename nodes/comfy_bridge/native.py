@@ -18,6 +18,8 @@ VAEDecode, VAEDecodeTiled and VAEEncode then run ComfyUI's own code on it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import torch
@@ -225,29 +227,23 @@ class OvisU1FirstStage(nn.Module):
 
 
 class OvisU1CoreVAE(comfy.sd.VAE):
-    """A core VAE over the checkpoint's VAE (fp32, as the official decode): the attributes ``comfy.sd.VAE.__init__``
-    sets for an SD/SDXL AutoencoderKL, without building one from a state dict."""
+    """A core VAE over the checkpoint's VAE (fp32, as the official decode).
 
-    def __init__(self, vae):  # noqa: the base __init__ would parse a state dict
+    ``comfy.sd.VAE.__init__`` builds its first-stage model from a state dict, which it cannot do for the pack's VAE
+    (its widths need not be SDXL's: the test checkpoints are tiny). Given no weights it sets every attribute a VAE has
+    to its default and stops; that call is made first, so attributes later ComfyUI versions add (0.33.0:
+    ``format_encoded``, ``handles_tiling``) exist here too, and only what differs from the defaults is set after it.
+    """
+
+    def __init__(self, vae):
+        with _quiet_vae_warning():
+            comfy.sd.VAE.__init__(self, sd={})
         self.memory_used_encode = lambda shape, dtype: estimates.vae_encode_memory(shape[2], shape[3],
                                                                                    mm.dtype_size(dtype))
         self.memory_used_decode = lambda shape, dtype: estimates.vae_decode_memory(shape[2], shape[3],
                                                                                    mm.dtype_size(dtype))
-        self.downscale_ratio = self.upscale_ratio = 8
         self.latent_channels = vae.params.latent_channels if hasattr(vae, "params") else 4
-        self.latent_dim = 2
-        self.output_channels = 3
-        self.pad_channel_value = None
-        self.process_input = lambda image: image * 2.0 - 1.0
-        self.process_output = lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
         self.working_dtypes = [torch.float32]
-        self.disable_offload = False
-        self.not_video = False
-        self.size = None
-        self.downscale_index_formula = self.upscale_index_formula = None
-        self.extra_1d_channel = None
-        self.crop_input = True
-        self.audio_sample_rate = 44100
         self.first_stage_model = OvisU1FirstStage(vae).eval()
         self.device = load_device()
         self.vae_dtype = next(vae.parameters()).dtype
@@ -257,6 +253,21 @@ class OvisU1CoreVAE(comfy.sd.VAE):
 
     def vae_output_dtype(self):
         return mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else torch.float32
+
+
+@contextlib.contextmanager
+def _quiet_vae_warning():
+    """``comfy.sd.VAE.__init__`` without weights warns that the VAE is not initialised; here it is, right after."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "No VAE weights detected" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def make_core_vae(ovis) -> OvisU1CoreVAE:

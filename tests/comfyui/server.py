@@ -85,7 +85,7 @@ class ComfyServer:
         if layers.LAZY:
             node = self.base / "custom_nodes" / layers.LAZY_LAYERS_NODE_DIR
             node.mkdir()
-            (node / "__init__.py").write_text(layers.LAZY_LAYERS_NODE.format(root=str(self.pack)))
+            (node / "__init__.py").write_text(layers.LAZY_LAYERS_NODE.format(path=str(Path(layers.__file__).resolve())))
 
     def add_input(self, source: Path, name: str) -> str:
         """Put an image in ComfyUI's input folder (what LoadImage lists) and return its name."""

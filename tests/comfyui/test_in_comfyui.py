@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.comfyui.conftest import EDIT_IMAGE, UNDERSTAND_IMAGE
+from tests.comfyui import layers
 from tests.comfyui.prompts import GOLDEN_T2I, nodes_of, workflow_prompt
 from tests.golden import assert_golden_image, manifest, tensors
 from tests.pack import import_pack
@@ -32,6 +33,8 @@ def sampler_progress(run, prompt: dict) -> list[tuple[int, int]]:
 def test_the_pack_loads_as_a_custom_node(comfy):
     log = comfy.log()
     assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-6000:]
+    if layers.LAZY:  # the server really builds comfy.ops layers as Dynamic VRAM does
+        assert "comfy.ops layers built lazily, as under Dynamic VRAM: True" in log, log[-6000:]
     info = comfy.get("/object_info")
     missing = [name for name in PACK_NODES if name not in info]
     assert not missing, f"nodes missing from /object_info: {missing}\n{log[-6000:]}"

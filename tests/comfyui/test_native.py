@@ -11,6 +11,9 @@ Run: COMFYUI_PATH=~/.cache/comfy-0.18.1/ComfyUI ~/.cache/comfy-0.18.1/venv/bin/p
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -197,14 +200,18 @@ def test_img2img_at_denoise_0_6_on_a_vae_encoded_image(comfy):
     assert_sane(custom)
 
 
-def test_easycache_and_tiled_decode(comfy):
+def test_easycache_and_tiled_decode(comfy, caplog):
     p, context, condition, positive, middle, negative, empty = edit_inputs(comfy)
     (cached,) = call(comfy["easycache"].EasyCacheNode, model=comfy["model"], reuse_threshold=0.2, start_percent=0.15,
                      end_percent=0.95, verbose=False)
     (guider,) = call(comfy["custom"].DualCFGGuider, model=cached, cond1=positive, cond2=middle, negative=negative,
                      cfg_conds=p["txt_cfg"], cfg_cond2_negative=p["img_cfg"], style="regular")
-    latent = sample_custom(comfy, guider, empty, scheduler(comfy, dict(p, steps=8), context.width, context.height),
-                           p["seed"])
+    with caplog.at_level(logging.INFO):
+        latent = sample_custom(comfy, guider, empty,
+                               scheduler(comfy, dict(p, steps=16), context.width, context.height), p["seed"])
+    # EasyCache reaches the MMDiT: it skipped steps (its own summary line: "EasyCache - skipped N/M steps")
+    found = re.findall(r"skipped (\d+)/(\d+) steps", caplog.text)
+    assert found and int(found[-1][0]) > 0, f"EasyCache skipped no step: {caplog.text[-2000:]}"
     (tiled,) = call(comfy["core"].VAEDecodeTiled, samples=latent, vae=comfy["vae"], tile_size=64, overlap=16,
                     temporal_size=64, temporal_overlap=8)
     assert_sane(tiled)
