@@ -57,8 +57,9 @@ class OvisU1ModelLoader:
                 }),
                 "attention": (list(ATTENTION), {
                     "default": "auto",
-                    "tooltip": "Attention kernel. auto: flash-attn when installed and on a CUDA GPU, else PyTorch "
-                               "SDPA. flash_attn requires the flash-attn package.",
+                    "tooltip": "Attention kernel. auto: ComfyUI's own choice (its --use-*-attention flags and "
+                               "attention patches on the MODEL). sdpa: PyTorch SDPA. flash_attn: the flash-attn "
+                               "package (CUDA only; it must be installed).",
                 }),
             },
             # optional, so API prompts written before this input existed still validate

@@ -18,11 +18,11 @@ LAZY = os.environ.get("OVIS_U1_LAZY_LAYERS", "") == "1"
 # A custom node the test server loads before the pack (custom nodes load in name order). It runs this file by its
 # path ({path}): under ComfyUI's main.py the name ``tests`` is ComfyUI's own test folder.
 LAZY_LAYERS_NODE_DIR = "0_ovis_u1_lazy_layers"
-LAZY_LAYERS_NODE = """import importlib.util
+LAZY_LAYERS_NODE = """import importlib.util, logging
 spec = importlib.util.spec_from_file_location("ovis_u1_test_layers", {path!r})
 layers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(layers)
-print("[ovis-u1 tests] comfy.ops layers built lazily, as under Dynamic VRAM:", layers.build_layers_lazily())
+logging.info("[ovis-u1 tests] comfy.ops layers built lazily, as under Dynamic VRAM: %s", layers.build_layers_lazily())
 NODE_CLASS_MAPPINGS = {{}}
 """
 

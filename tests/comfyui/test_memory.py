@@ -173,7 +173,7 @@ def test_fp8_weights_run_in_the_compute_dtype(pack, part):
 def _t2i_image(ovis, size: int = 256, steps: int = 4):
     refined = ovis.refine(ovis.encode_condition("a cute cat", "t2i", width=size, height=size))
     latent = ovis.sample(refined, size, size, steps=steps, seed=42)
-    return torch.from_numpy(np.asarray(ovis.decode_to_pil(latent)[0])).int()
+    return torch.from_numpy(np.array(ovis.decode_to_pil(latent)[0])).int()
 
 
 def test_fp8_images_stay_within_the_readmes_figures(pack):
