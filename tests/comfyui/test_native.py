@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from tests.comfyui.test_memory import COMFYUI_PATH, comfy_in_process, load
-from tests.golden import TINY_A, case_params, requires_golden
+from tests.golden import TINY_A, assert_golden_image, case_params, requires_golden, tensors
 
 pytestmark = [
     requires_golden,
@@ -115,7 +115,10 @@ def test_text_to_image_equals_the_pack_sampler(comfy):
     (guider,) = call(comfy["custom"].CFGGuider, model=comfy["model"], positive=positive, negative=negative,
                      cfg=p["txt_cfg"])
     native = decode(comfy, sample_custom(comfy, guider, latent, scheduler(comfy, p), p["seed"]))
-    assert_same_image(native, own_t2i(comfy, p, p["seed"]))
+    own = own_t2i(comfy, p, p["seed"])
+    assert_same_image(native, own)
+    for image in (native, own):  # both paths give the official image
+        assert_golden_image(uint8(image[0]), tensors("t2i")["output_image_uint8"])
 
 
 def edit_inputs(comfy):
@@ -143,6 +146,8 @@ def test_edit_equals_the_pack_sampler(comfy):
                           txt_cfg=p["txt_cfg"], img_cfg=p["img_cfg"], seed=p["seed"], context=context)
     (own,) = pack_node(comfy, "OvisU1VAEDecode", model=managed, samples=latent)
     assert_same_image(native, own)
+    for image in (native, own):  # both paths give the official image
+        assert_golden_image(uint8(image[0]), tensors("edit")["output_image_uint8"])
 
 
 def test_refiner_runs_once_per_conditioning_not_per_step(comfy, monkeypatch):
