@@ -108,8 +108,15 @@ def mmdit():
 
 @pytest.fixture
 def backend():
-    yield attn.set_attention_backend
-    attn.set_attention_backend("auto")
+    """Selects the pack's kernel for the rest of the test (``attention.using`` where the library has it)."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        if hasattr(attn, "using"):
+            yield lambda name: stack.enter_context(attn.using(name))
+        else:
+            yield attn.set_attention_backend
+            attn.set_attention_backend("auto")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

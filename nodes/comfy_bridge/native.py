@@ -253,27 +253,39 @@ class OvisU1Native(comfy.model_base.BaseModel):
         with_context = bool(cond_shapes.get("ref_latents"))
         return estimates.sampling_memory(p.hidden_size, p.mlp_ratio, p.num_heads, max(1, input_shape[0]), text,
                                          input_shape[-1] * 8, input_shape[-2] * 8, with_context,
-                                         mm.dtype_size(self.compute_dtype()), scores=attention_scores())
+                                         mm.dtype_size(self.compute_dtype()),
+                                         scores=attention_scores(_pack_kernel(self.diffusion_model)))
 
 
 DEFAULT_TEXT_TOKENS = 512  # a condition of unknown length: the prompt with the visual tokens of its image
 
 
-def attention_scores() -> str:
+def attention_scores(pack_kernel: str | None = None) -> str:
     """What the attention kernel of a sampling step holds of the score matrix (``estimates.SCORES_*``).
 
-    The pack's ``math`` kernel builds it whole. Otherwise the kernel ComfyUI selects as ``optimized_attention``
+    ``pack_kernel``: the pack's own kernel when the loader forces one (``estimates.pack_kernel_scores``: only
+    ``math`` builds the matrix). None: the kernel ComfyUI selects as ``optimized_attention``
     (comfy/ldm/modules/attention.py, in that order): sage, flash, xformers and PyTorch's SDPA build none; without
     them ComfyUI runs split or sub-quadratic attention, which hold a slice of queries at a time.
     """
-    from ovis_u1.attention import get_attention_backend
-
-    if get_attention_backend() == "math":
-        return estimates.SCORES_FULL
+    if pack_kernel is not None:
+        return estimates.pack_kernel_scores(pack_kernel)
     flags = ("sage_attention_enabled", "flash_attention_enabled", "xformers_enabled", "pytorch_attention_enabled")
     if any(getattr(mm, flag, lambda: False)() for flag in flags):
         return estimates.SCORES_NONE
     return estimates.SCORES_CHUNKED
+
+
+def _pack_kernel(diffusion_model) -> str | None:
+    """The pack kernel the loader forced on the MMDiT, None when ComfyUI's selection runs it: an
+    ``attention.Kernel`` without a host function (``kernel.full``) is the pack's own, by name."""
+    kernel = getattr(diffusion_model, "kernel", None)
+    if kernel is None:  # the library's process-wide switch, where kernels are not chosen per model
+        from ovis_u1 import attention
+
+        backend = getattr(attention, "get_attention_backend", lambda: "auto")()
+        return "math" if backend == "math" else None
+    return kernel.name if getattr(kernel, "full", None) is None else None
 
 
 def _storage_dtype(mmdit, compute_dtype: torch.dtype) -> torch.dtype:

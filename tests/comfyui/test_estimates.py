@@ -95,7 +95,8 @@ def test_both_call_paths_see_the_text_and_the_edit_context(comfy, spy, scale):
 
     def expected(rows, text, with_context):
         return est.sampling_memory(mmdit.hidden_size, mmdit.mlp_ratio, mmdit.num_heads, rows, text, context.width,
-                                   context.height, with_context, 4, scores=native_module(comfy).attention_scores())
+                                   context.height, with_context, 4, scores=native_module(comfy).attention_scores(
+                                       native_module(comfy)._pack_kernel(comfy["model"].model.diffusion_model)))
 
     # before sampling: cond + uncond rows, the longest text of the three conditionings, with the context
     full = max(planned, key=lambda c: c[1][0])
