@@ -59,6 +59,7 @@ def _condition_memory(model, mode: str, width, height) -> int:
         llm.get("hidden_size", p.hidden_size), llm.get("intermediate_size", 4 * p.hidden_size),
         llm.get("num_attention_heads", 16), p.vision.hidden_size, p.vision.intermediate_size, p.vision.num_heads,
         3 if mode == "edit" else 2, text, patches, bridge.dtype_size(_compute_dtype(model)),
+        scores=estimates.pack_kernel_scores(getattr(model, "attention", "auto")),
     )
 
 
@@ -67,7 +68,8 @@ def _refiner_memory(model, condition: Condition) -> int:
     tokens = sum(states.shape[1] for states in condition.branches.values())
     return estimates.transformer_block_memory(tokens, p.hidden_size, 2 * int(p.hidden_size * p.mlp_ratio),
                                               p.num_heads, bridge.dtype_size(_compute_dtype(model)),
-                                              score_tokens=max(s.shape[1] for s in condition.branches.values()))
+                                              score_tokens=max(s.shape[1] for s in condition.branches.values()),
+                                              scores=estimates.pack_kernel_scores(getattr(model, "attention", "auto")))
 
 
 def _vae_dtype(ovis) -> torch.dtype:
@@ -224,7 +226,8 @@ def _sampling_memory(model, refined: Refined, width: int, height: int, with_cont
     p = model.model.params.mmdit
     text = max(tokens.shape[1] for tokens, _ in refined.branches.values())
     return estimates.sampling_memory(p.hidden_size, p.mlp_ratio, p.num_heads, len(refined.branches), text, width,
-                                     height, with_context, bridge.dtype_size(_compute_dtype(model)))
+                                     height, with_context, bridge.dtype_size(_compute_dtype(model)),
+                                     scores=estimates.pack_kernel_scores(getattr(model, "attention", "auto")))
 
 
 class OvisU1Sampler:

@@ -135,22 +135,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer so far ([B, H_kv, T, D] each), grown by concatenation."""
+    """Keys and values of every layer so far, written into one buffer [layers, 2, B, H_kv, capacity, D].
 
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+    As ComfyUI's own Qwen3 (``comfy/text_encoders/llama.py``) keeps it: the buffer is allocated once, at the first
+    write, for ``capacity`` positions (prompt + new tokens), and every step writes its keys and values into it; the
+    attention reads the filled prefix. Growing by ``torch.cat`` instead copies the whole cache at every token and
+    holds two copies at once. Without a capacity (or past it) the buffer doubles, so no use is cut short.
+    """
+
+    def __init__(self, num_layers: int, capacity: int | None = None):
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.buffer: torch.Tensor | None = None
+        self.lengths = [0] * num_layers
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        return self.lengths[0]
+
+    def _reserve(self, k: torch.Tensor, needed: int) -> None:
+        if self.buffer is not None and needed <= self.buffer.shape[4]:
+            return
+        size = max(needed, self.capacity or 0, 2 * self.buffer.shape[4] if self.buffer is not None else 0)
+        b, h, _, d = k.shape
+        grown = torch.empty(self.num_layers, 2, b, h, size, d, device=k.device, dtype=k.dtype)
+        if self.buffer is not None:
+            grown[..., : self.buffer.shape[4], :] = self.buffer
+        self.buffer = grown
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Store k, v [B, H_kv, T, D] after the layer's earlier positions → all its keys and values so far."""
+        start = self.lengths[layer]
+        end = start + k.shape[2]
+        self._reserve(k, end)
+        self.buffer[layer, 0, :, :, start:end] = k
+        self.buffer[layer, 1, :, :, start:end] = v
+        self.lengths[layer] = end
+        return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
 
 
 class Qwen3Attention(nn.Module):
@@ -326,7 +347,8 @@ def generate(
     """
     generator = torch.Generator().manual_seed(seed) if do_sample else None
     embed_tokens = llm.get_input_embeddings()
-    cache = KVCache(len(llm.model.layers))
+    # every step adds one position; the last one needs none for a following step
+    cache = KVCache(len(llm.model.layers), capacity=embeds.shape[0] + max_new_tokens)
     inputs = embeds[None]
     new_ids: list[int] = []
     for i in range(max_new_tokens):

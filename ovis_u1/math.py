@@ -37,19 +37,33 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000, tim
     return emb
 
 
-def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
-    """Rotation matrices for one position axis: pos [..., L] → [..., L, dim/2, 2, 2] (fp32).
+# Device types whose kernels lack float64 (ComfyUI's ``supports_fp64`` names the same: Apple MPS, Intel XPU,
+# DirectML's privateuseone).
+NO_FLOAT64_DEVICES = ("mps", "xpu", "privateuseone")
 
-    ω_k = theta^(-2k/dim) and the angles pos·ω_k are computed in float64; each pair k gets [[cos, -sin], [sin, cos]].
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 RoPE angles are computed for tensors on ``device``: the device itself, or the CPU for a device
+    without float64 (as ComfyUI's ``comfy/ldm/flux/math.py`` ``rope`` does)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type in NO_FLOAT64_DEVICES else device
+
+
+def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
+    """Rotation matrices for one position axis: pos [..., L] → [..., L, dim/2, 2, 2] (fp32, on pos's device).
+
+    ω_k = theta^(-2k/dim) and the angles pos·ω_k are computed in float64 (on the CPU when pos's device has no
+    float64); each pair k gets [[cos, -sin], [sin, cos]].
     """
     if dim % 2:
         raise ValueError(f"rotary axis dimension must be even, got {dim}")
-    exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
+    device = float64_device(pos.device)
+    exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
     omega = 1.0 / (theta**exponent)
-    angles = pos.to(torch.float64)[..., None] * omega
+    angles = pos.to(device).to(torch.float64)[..., None] * omega  # moved first: MPS cannot cast to float64
     cos, sin = torch.cos(angles), torch.sin(angles)
     rot = torch.stack([cos, -sin, sin, cos], dim=-1)
-    return rot.reshape(*rot.shape[:-1], 2, 2).float()
+    return rot.reshape(*rot.shape[:-1], 2, 2).float().to(pos.device)
 
 
 def embed_positions(ids: Tensor, axes_dim: tuple[int, ...] | list[int], theta: float) -> Tensor:

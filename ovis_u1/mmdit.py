@@ -5,6 +5,8 @@ extra image-only self-attention, then single-stream blocks over [text, image]. T
 
 * ``refine(txt)`` and ``prepare(tokens, pooled, height, width, context)`` do the work that does not depend on the
   denoising step (token refiner, ``vector_in`` of the pooled text, RoPE tables, ``img_in`` of the context latent);
+  its shape-only part (``positions``) and the context projection (``project_context``) can be made once and passed
+  in, as the native ComfyUI path does once per sampling run;
 * ``forward(x, t, prepared)`` is one velocity prediction.
 
 Sequence order everywhere: [text (L), noise (N), context (N)]; RoPE ids text [0,0,0], noise [0,row,col],
@@ -275,29 +277,49 @@ class MMDiT(nn.Module):
         """LLM condition [B, L, context_in_dim] → (text tokens [B, L, hidden], pooled [B, hidden])."""
         return self.txt_in(txt)
 
+    def positions(self, txt_len: int, height: int, width: int, with_context: bool,
+                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """RoPE tables (pe of [text, noise (, context)], pe of the image tokens only) on ``device``: they depend on
+        the shapes alone, so a caller sampling many steps (or branches of equal text length) builds them once."""
+        rows, cols = math.ceil(height / 16), math.ceil(width / 16)
+        ids = [torch.zeros(1, txt_len, 3), grid_ids(rows, cols, 0.0)]
+        if with_context:
+            ids.append(grid_ids(rows, cols, 1.0))
+        pe = embed_positions(torch.cat(ids, dim=1).to(device), self.params.axes_dim, self.params.theta)
+        return pe, pe[:, :, txt_len:]
+
+    def project_context(self, context: Tensor, dtype: torch.dtype) -> Tensor:
+        """``img_in`` of the packed context latent [B, N, in_channels], in the compute ``dtype`` (img_in's weight
+        may be fp8)."""
+        return self.img_in(context.to(dtype))
+
     def prepare(
-        self, tokens: Tensor, pooled: Tensor, height: int, width: int, context: Tensor | None = None
+        self, tokens: Tensor, pooled: Tensor, height: int, width: int, context: Tensor | None = None,
+        positions: tuple[Tensor, Tensor] | None = None, context_tokens: Tensor | None = None,
     ) -> Prepared:
         """Cache everything a denoising step needs besides the latent and the time.
 
-        height/width: output size in pixels (16 px per token); context: packed context latent [B, N, in_channels].
+        height/width: output size in pixels (16 px per token); context: packed context latent [B, N, in_channels],
+        or ``context_tokens``, its ``project_context`` made earlier; positions: the ``positions`` tables made
+        earlier for these shapes (built here when None).
         """
-        rows, cols = math.ceil(height / 16), math.ceil(width / 16)
-        num_tokens = rows * cols
-        ids = [torch.zeros(1, tokens.shape[1], 3), grid_ids(rows, cols, 0.0)]
-        projected = None
-        if context is not None:
+        num_tokens = math.ceil(height / 16) * math.ceil(width / 16)
+        if context is not None and context_tokens is None:
             if context.shape[1] != num_tokens:
                 raise ValueError(f"context has {context.shape[1]} tokens, the {height}x{width} grid has {num_tokens}")
-            ids.append(grid_ids(rows, cols, 1.0))
-            projected = self.img_in(context.to(tokens.dtype))  # the compute dtype (img_in's weight may be fp8)
-        pe = embed_positions(torch.cat(ids, dim=1).to(tokens.device), self.params.axes_dim, self.params.theta)
+            context_tokens = self.project_context(context, tokens.dtype)
+        if context_tokens is not None and context_tokens.shape[1] != num_tokens:
+            raise ValueError(f"context has {context_tokens.shape[1]} tokens, the {height}x{width} grid has "
+                             f"{num_tokens}")
+        if positions is None:
+            positions = self.positions(tokens.shape[1], height, width, context_tokens is not None, tokens.device)
+        pe, pe_img = positions
         return Prepared(
             txt=tokens,
             vec=self.vector_in(pooled),
             pe=pe,
-            pe_img=pe[:, :, tokens.shape[1] :],
-            context=projected,
+            pe_img=pe_img,
+            context=context_tokens,
             height=height,
             width=width,
         )

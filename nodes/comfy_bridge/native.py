@@ -119,7 +119,7 @@ class OvisU1DiffusionModel(nn.Module):
         ).execute(x, timestep, context, pooled, ref_latents, control, transformer_options, **kwargs)
 
     def _forward(self, x, timestep, context, pooled=None, ref_latents=None, control=None, transformer_options={},
-                 **kwargs):
+                 context_tokens=None, **kwargs):
         if x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(
                 f"Ovis-U1 needs width and height in multiples of 16 pixels; the latent is {x.shape[-1] * 8}×"
@@ -129,16 +129,69 @@ class OvisU1DiffusionModel(nn.Module):
         tokens = pack_latents(x)
         ctx = None
         if ref_latents:
-            ctx = pack_latents(ref_latents[0].to(device=x.device, dtype=x.dtype))
-            if ctx.shape[1] != tokens.shape[1]:
-                raise ValueError(
-                    f"the edit context is {ref_latents[0].shape[-1] * 8}×{ref_latents[0].shape[-2] * 8} but the latent "
-                    f"is {width}×{height}: sample at the edit size (the 'latent' output of the Edit Context Encoder)"
-                )
+            check_context_size(ref_latents[0].shape, x.shape)
+            if context_tokens is None:  # called outside a sampling run (extra_conds projects it once per run)
+                ctx = pack_latents(ref_latents[0].to(device=x.device, dtype=x.dtype))
+            else:
+                context_tokens = context_tokens.to(device=x.device, dtype=x.dtype)
+        else:
+            context_tokens = None
+        text = context.to(x.dtype)
+        cache = transformer_options.get(PerSamplingCache.KEY)
+        positions = None
+        if cache is not None:
+            positions = cache.positions(self.mmdit, text.shape[1], height, width, bool(ref_latents), x.device)
         with attention.using(self.kernel_for(transformer_options)):
-            prepared = self.mmdit.prepare(context.to(x.dtype), pooled.to(x.dtype), height, width, context=ctx)
+            prepared = self.mmdit.prepare(text, pooled.to(x.dtype), height, width, context=ctx, positions=positions,
+                                          context_tokens=context_tokens)
             velocity = self.mmdit(tokens, timestep.to(x.dtype), prepared)
         return unpack_latents(velocity, height, width, channels=x.shape[1])
+
+
+def check_context_size(reference_shape, latent_shape) -> None:
+    if tuple(reference_shape[-2:]) != tuple(latent_shape[-2:]):
+        raise ValueError(
+            f"the edit context is {reference_shape[-1] * 8}×{reference_shape[-2] * 8} but the latent is "
+            f"{latent_shape[-1] * 8}×{latent_shape[-2] * 8}: sample at the edit size (the 'latent' output of the Edit "
+            "Context Encoder)"
+        )
+
+
+class PerSamplingCache:
+    """What a denoising step needs that depends on shapes alone — the RoPE tables of [text, noise (, context)]
+    (position ids, float64 angles) — made once per sampling run instead of at every step.
+
+    One cache per run: ``per_sampling_cache`` (a ``WrappersMP.OUTER_SAMPLE`` wrapper of the core MODEL) puts a new
+    one into the run's ``transformer_options`` and drops it when the run ends, so nothing outlives the run on the
+    device, and runs of a shared model never see each other's. Keyed by text length, size, context and device:
+    conditionings of different text lengths (positive / negative) get a table each, alternating freely. Not a dict,
+    so that ComfyUI's per-step copies of ``transformer_options`` hand on the same object.
+    """
+
+    KEY = "ovis_u1_per_sampling"
+
+    def __init__(self):
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def positions(self, mmdit, txt_len: int, height: int, width: int, with_context: bool, device):
+        key = (id(mmdit), txt_len, height, width, with_context, str(device))
+        if key not in self.tables:
+            self.tables[key] = mmdit.positions(txt_len, height, width, with_context, device)
+        return self.tables[key]
+
+
+def per_sampling_cache(executor, *args, **kwargs):
+    """``WrappersMP.OUTER_SAMPLE`` wrapper: a fresh ``PerSamplingCache`` for the run the guider starts."""
+    options = executor.class_obj.model_options.setdefault("transformer_options", {})
+    previous = options.get(PerSamplingCache.KEY)
+    options[PerSamplingCache.KEY] = PerSamplingCache()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        if previous is None:
+            options.pop(PerSamplingCache.KEY, None)
+        else:
+            options[PerSamplingCache.KEY] = previous
 
 
 class OvisU1Native(comfy.model_base.BaseModel):
@@ -149,7 +202,9 @@ class OvisU1Native(comfy.model_base.BaseModel):
         super().__init__(model_config, comfy.model_base.ModelType.FLUX, device=None)
         self.diffusion_model = OvisU1DiffusionModel(mmdit, storage_dtype, kernel)
         self.model_sampling = OvisU1ModelSampling(model_config)
-        self.memory_usage_factor_conds = ("text", "ref")
+        # The model-condition keys, as core's Flux / QwenImage name them: ``_calc_cond_batch`` passes the sizes of
+        # the conditions it batches under these, and ``extra_conds_shapes`` gives ``estimate_memory`` the same.
+        self.memory_usage_factor_conds = ("c_crossattn", "ref_latents")
         if hasattr(mm, "archive_model_dtypes"):  # ComfyUI ≥ 0.8: the dtypes its dynamic loader restores
             mm.archive_model_dtypes(self.diffusion_model)
 
@@ -173,26 +228,76 @@ class OvisU1Native(comfy.model_base.BaseModel):
             out["pooled"] = comfy.conds.CONDRegular(pooled)
         references = kwargs.get("reference_latents", None)
         if references:
-            out["ref_latents"] = comfy.conds.CONDList([self.process_latent_in(r) for r in references[:1]])
+            reference = self.process_latent_in(references[0])
+            out["ref_latents"] = comfy.conds.CONDList([reference])
+            noise = kwargs.get("noise", None)
+            if noise is not None and not (noise.shape[-1] % 2 or noise.shape[-2] % 2):  # else the forward explains
+                check_context_size(reference.shape, noise.shape)
+                # img_in of the context does not depend on the step either: once per conditioning, here
+                device, dtype = kwargs.get("device", load_device()), self.compute_dtype()
+                with torch.no_grad():
+                    packed = pack_latents(reference.to(device=device, dtype=dtype))
+                    out["context_tokens"] = comfy.conds.CONDRegular(self.mmdit.project_context(packed, dtype))
         return out
 
     def extra_conds_shapes(self, **kwargs):
+        """What ``sampler_helpers.estimate_memory`` passes to ``memory_required`` per conditioning, under the keys and
+        in the layout ``samplers._calc_cond_batch`` passes the real conditions' ``size()``: ``c_crossattn`` [1, L, C]
+        (the refiner keeps the length), ``ref_latents`` as ``CONDList.size()`` reports the one reference used."""
         out = {}
         states = kwargs.get("cross_attn", None)
         if states is not None:
-            out["text"] = [1, states.shape[1]]
-        if kwargs.get("reference_latents"):
-            out["ref"] = [1]
+            out["c_crossattn"] = [1, states.shape[1], self.mmdit.params.hidden_size]
+        references = kwargs.get("reference_latents", None)
+        if references:
+            r = references[0]
+            out["ref_latents"] = [1, r.shape[1], math.prod(r.shape[2:])]
         return out
 
     def memory_required(self, input_shape, cond_shapes={}):
+        """Activation bytes of one MMDiT forward over ``input_shape[0]`` rows, as ComfyUI asks for them: before
+        sampling (``estimate_memory``: twice the noise batch, i.e. cond and uncond together, and the noise batch
+        alone) and at every step for the batch it means to run (``_calc_cond_batch``). The longest text of the
+        batch, and the edit context (as many tokens as the image) when any condition carries one."""
         p = self.mmdit.params
-        text = max((s[1] for s in cond_shapes.get("text", []) if len(s) > 1), default=512)
-        with_context = bool(cond_shapes.get("ref"))
-        batch = input_shape[0] * (3 if with_context else 2) // 2  # input_shape counts cond + uncond
-        return estimates.sampling_memory(p.hidden_size, p.mlp_ratio, p.num_heads, max(1, batch), text,
+        texts = [s[1] for s in cond_shapes.get("c_crossattn", []) if len(s) > 1]
+        text = max(texts, default=DEFAULT_TEXT_TOKENS)
+        with_context = bool(cond_shapes.get("ref_latents"))
+        return estimates.sampling_memory(p.hidden_size, p.mlp_ratio, p.num_heads, max(1, input_shape[0]), text,
                                          input_shape[-1] * 8, input_shape[-2] * 8, with_context,
-                                         mm.dtype_size(self.compute_dtype()))
+                                         mm.dtype_size(self.compute_dtype()),
+                                         scores=attention_scores(_pack_kernel(self.diffusion_model)))
+
+
+DEFAULT_TEXT_TOKENS = 512  # a condition of unknown length: the prompt with the visual tokens of its image
+
+
+def attention_scores(pack_kernel: str | None = None) -> str:
+    """What the attention kernel of a sampling step holds of the score matrix (``estimates.SCORES_*``).
+
+    ``pack_kernel``: the pack's own kernel when the loader forces one (``estimates.pack_kernel_scores``: only
+    ``math`` builds the matrix). None: the kernel ComfyUI selects as ``optimized_attention``
+    (comfy/ldm/modules/attention.py, in that order): sage, flash, xformers and PyTorch's SDPA build none; without
+    them ComfyUI runs split or sub-quadratic attention, which hold a slice of queries at a time.
+    """
+    if pack_kernel is not None:
+        return estimates.pack_kernel_scores(pack_kernel)
+    flags = ("sage_attention_enabled", "flash_attention_enabled", "xformers_enabled", "pytorch_attention_enabled")
+    if any(getattr(mm, flag, lambda: False)() for flag in flags):
+        return estimates.SCORES_NONE
+    return estimates.SCORES_CHUNKED
+
+
+def _pack_kernel(diffusion_model) -> str | None:
+    """The pack kernel the loader forced on the MMDiT, None when ComfyUI's selection runs it: an
+    ``attention.Kernel`` without a host function (``kernel.full``) is the pack's own, by name."""
+    kernel = getattr(diffusion_model, "kernel", None)
+    if kernel is None:  # the library's process-wide switch, where kernels are not chosen per model
+        from ovis_u1 import attention
+
+        backend = getattr(attention, "get_attention_backend", lambda: "auto")()
+        return "math" if backend == "math" else None
+    return kernel.name if getattr(kernel, "full", None) is None else None
 
 
 def _storage_dtype(mmdit, compute_dtype: torch.dtype) -> torch.dtype:
@@ -206,8 +311,11 @@ def make_core_model(ovis, compute_dtype: torch.dtype, weight_dtype: str | None =
     storage = _storage_dtype(ovis.mmdit, compute_dtype)
     config = OvisU1ModelConfig(ovis, compute_dtype, storage)
     native = OvisU1Native(config, ovis.mmdit, storage, ovis.attention)
-    return patcher_class()(native, load_device=load_device(), offload_device=offload_device(),
-                           size=weight_bytes(ovis.mmdit))
+    patcher = patcher_class()(native, load_device=load_device(), offload_device=offload_device(),
+                              size=weight_bytes(ovis.mmdit))
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PerSamplingCache.KEY,
+                                 per_sampling_cache)
+    return patcher
 
 
 # --------------------------------------------------------------------------------------------------------- VAE
@@ -238,10 +346,11 @@ class OvisU1CoreVAE(comfy.sd.VAE):
     def __init__(self, vae):
         with _quiet_vae_warning():
             comfy.sd.VAE.__init__(self, sd={})
+        widths = tuple(vae.params.block_out_channels) if hasattr(vae, "params") else estimates.SDXL_BLOCK_OUT
         self.memory_used_encode = lambda shape, dtype: estimates.vae_encode_memory(shape[2], shape[3],
-                                                                                   mm.dtype_size(dtype))
+                                                                                   mm.dtype_size(dtype), widths)
         self.memory_used_decode = lambda shape, dtype: estimates.vae_decode_memory(shape[2], shape[3],
-                                                                                   mm.dtype_size(dtype))
+                                                                                   mm.dtype_size(dtype), widths)
         self.latent_channels = vae.params.latent_channels if hasattr(vae, "params") else 4
         self.working_dtypes = [torch.float32]
         self.first_stage_model = OvisU1FirstStage(vae).eval()

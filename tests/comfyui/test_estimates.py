@@ -1,0 +1,166 @@
+"""Inside a real ComfyUI (imported in this process, ``--cpu``): the estimates ComfyUI gets while sampling, and the
+step-invariant work done once per sampling run.
+
+ComfyUI asks the core MODEL for ``memory_required`` on two paths: ``sampler_helpers.estimate_memory`` before
+sampling (with ``extra_conds_shapes`` of every conditioning) and ``samplers._calc_cond_batch`` at every step (with
+the ``size()`` of the model conditions it batches). Both must see the text length and the edit context.
+
+Run: COMFYUI_PATH=~/.cache/comfy-0.33.0/ComfyUI ~/.cache/comfy-0.33.0/venv/bin/python -m pytest
+tests/comfyui/test_estimates.py (skipped without COMFYUI_PATH).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.comfyui.test_memory import COMFYUI_PATH
+from tests.comfyui.test_native import call, comfy, edit_inputs, pack_node, sample_custom, scheduler, t2i_inputs  # noqa: F401
+from tests.golden import case_params, requires_golden
+
+pytestmark = [
+    requires_golden,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="in-ComfyUI tests need COMFYUI_PATH=/path/to/ComfyUI and a Python "
+                                               "with ComfyUI's requirements"),
+]
+
+
+def native_module(comfy):
+    import sys
+
+    return sys.modules[f"{comfy['pack'].__name__}.nodes.comfy_bridge.native"]
+
+
+def estimates_module(comfy):
+    import sys
+
+    return sys.modules[f"{comfy['pack'].__name__}.nodes.estimates"]
+
+
+@pytest.fixture
+def spy(comfy, monkeypatch):
+    """Every memory_required call of the core MODEL: (caller, input_shape, cond_shapes, bytes)."""
+    cls = native_module(comfy).OvisU1Native
+    calls = []
+    original = cls.memory_required
+
+    def recording(self, input_shape, cond_shapes={}):
+        result = original(self, input_shape, cond_shapes)
+        caller = inspect.stack()[1].function
+        calls.append((caller, list(input_shape), {k: [list(s) for s in v] for k, v in cond_shapes.items()}, result))
+        return result
+
+    monkeypatch.setattr(cls, "memory_required", recording)
+    return calls
+
+
+def edit_at(comfy, scale: int):
+    """The golden edit, its image upscaled ``scale`` times (so the edit size changes)."""
+    p, context, condition, positive, middle, negative, empty = edit_inputs(comfy)
+    if scale == 1:
+        return p, context, condition, positive, middle, negative, empty
+    from PIL import Image
+    import numpy as np
+
+    from tests.golden import TINY_A
+
+    image = torch.from_numpy(np.array(Image.open(TINY_A / "cases" / "edit" / "input.png").convert("RGB")))
+    image = (image.float() / 255.0)[None]
+    image = F.interpolate(image.movedim(-1, 1), scale_factor=scale, mode="bilinear").movedim(1, -1).clamp(0, 1)
+    managed = comfy["managed"]
+    context, resized, empty = pack_node(comfy, "OvisU1EditContextEncoder", model=managed, image=image,
+                                        seed=p["vae_sample_seed"])
+    condition, positive, middle, negative = pack_node(comfy, "OvisU1EncodeCondition", model=managed,
+                                                      prompt=p["prompt"], mode="edit", image=resized, context=context)
+    return p, context, condition, positive, middle, negative, empty
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_both_call_paths_see_the_text_and_the_edit_context(comfy, spy, scale):
+    p, context, condition, positive, middle, negative, empty = edit_at(comfy, scale)
+    (guider,) = call(comfy["custom"].DualCFGGuider, model=comfy["model"], cond1=positive, cond2=middle,
+                     negative=negative, cfg_conds=p["txt_cfg"], cfg_cond2_negative=p["img_cfg"], style="regular")
+    steps = dict(p, steps=2)
+    sample_custom(comfy, guider, empty, scheduler(comfy, steps, width=context.width, height=context.height), p["seed"])
+
+    est = estimates_module(comfy)
+    mmdit = comfy["managed"].model.mmdit.params
+    lengths = {branch: states.shape[1] for branch, states in condition.branches.items()}
+    planned = [c for c in spy if c[0] == "estimate_memory"]
+    stepped = [c for c in spy if c[0] == "_calc_cond_batch"]
+    assert planned and stepped, [c[0] for c in spy]
+
+    def expected(rows, text, with_context):
+        return est.sampling_memory(mmdit.hidden_size, mmdit.mlp_ratio, mmdit.num_heads, rows, text, context.width,
+                                   context.height, with_context, 4, scores=native_module(comfy).attention_scores(
+                                       native_module(comfy)._pack_kernel(comfy["model"].model.diffusion_model)))
+
+    # before sampling: cond + uncond rows, the longest text of the three conditionings, with the context
+    full = max(planned, key=lambda c: c[1][0])
+    assert full[1][0] == 2 and sorted(s[1] for s in full[2]["c_crossattn"]) == sorted(lengths.values())
+    assert full[2]["ref_latents"] and full[3] == expected(2, max(lengths.values()), True)
+    # every step: the text length of the batch, and the context exactly for the branches that carry it
+    seen = set()
+    for _, shape, cond_shapes, result in stepped:
+        text = max(s[1] for s in cond_shapes["c_crossattn"])
+        with_context = bool(cond_shapes.get("ref_latents"))
+        assert result == expected(shape[0], text, with_context)
+        seen.add((text, with_context))
+    assert seen == {(lengths["cond"], True), (lengths["no_txt"], True), (lengths["no_both"], False)}
+
+
+def test_the_estimate_grows_with_the_edit_size(comfy, spy):
+    results = {}
+    for scale in (1, 2):
+        p, context, _, positive, middle, negative, empty = edit_at(comfy, scale)
+        (guider,) = call(comfy["custom"].DualCFGGuider, model=comfy["model"], cond1=positive, cond2=middle,
+                         negative=negative, cfg_conds=p["txt_cfg"], cfg_cond2_negative=p["img_cfg"], style="regular")
+        spy.clear()
+        sample_custom(comfy, guider, empty, scheduler(comfy, dict(p, steps=1), width=context.width,
+                                                      height=context.height), p["seed"])
+        results[scale] = max(c[3] for c in spy if c[0] == "estimate_memory")
+    assert results[2] > results[1]
+
+
+def test_rope_and_context_projection_once_per_sampling(comfy, monkeypatch):
+    mmdit = comfy["managed"].model.mmdit
+    built, projected = [], []
+    positions, project = mmdit.positions, mmdit.project_context
+    monkeypatch.setattr(mmdit, "positions", lambda *a, **k: built.append(a[:4]) or positions(*a, **k))
+    monkeypatch.setattr(mmdit, "project_context", lambda *a, **k: projected.append(a[0].shape) or project(*a, **k))
+
+    # text-to-image, 3 steps of CFG: one table per text length (positive, negative), not per step
+    p, positive, negative, latent = t2i_inputs(comfy)
+    (guider,) = call(comfy["custom"].CFGGuider, model=comfy["model"], positive=positive, negative=negative,
+                     cfg=p["txt_cfg"])
+    sample_custom(comfy, guider, latent, scheduler(comfy, dict(p, steps=3)), p["seed"])
+    lengths = {positive[0][0].shape[1], negative[0][0].shape[1]}
+    assert sorted(b[0] for b in built) == sorted(lengths), built
+    assert not projected
+
+    # edit, 3 steps of dual CFG: the context projected once for each of the two conditionings that carry it
+    built.clear()
+    p, context, condition, positive, middle, negative, empty = edit_inputs(comfy)
+    (guider,) = call(comfy["custom"].DualCFGGuider, model=comfy["model"], cond1=positive, cond2=middle,
+                     negative=negative, cfg_conds=p["txt_cfg"], cfg_cond2_negative=p["img_cfg"], style="regular")
+    sample_custom(comfy, guider, empty, scheduler(comfy, dict(p, steps=3), width=context.width,
+                                                  height=context.height), p["seed"])
+    assert len(projected) == 2, projected
+    assert len(built) == len({(b[0], b[3]) for b in built}) <= 3, built
+
+    # a new sampling run builds its tables again (nothing is kept between runs)
+    built.clear()
+    sample_custom(comfy, guider, empty, scheduler(comfy, dict(p, steps=1), width=context.width,
+                                                  height=context.height), p["seed"])
+    assert built
+
+
+def test_core_vae_estimates_are_the_fitted_ones(comfy):
+    est = estimates_module(comfy)
+    vae = comfy["vae"]
+    widths = tuple(comfy["managed"].model.vae.params.block_out_channels)
+    assert vae.memory_used_decode([1, 4, 64, 64], torch.float32) == est.vae_decode_memory(64, 64, 4, widths)
+    assert vae.memory_used_encode([1, 3, 512, 512], torch.float32) == est.vae_encode_memory(512, 512, 4, widths)
