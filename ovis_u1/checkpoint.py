@@ -454,7 +454,8 @@ def load_weights(
     leftover = [k for k in result.missing_keys if k not in TIED_KEYS]
     unfilled = [k for k in expected if tuple(_assigned_shape(module, k) or ()) != expected[k]]
     if leftover or result.unexpected_keys or unfilled:  # validate_keys makes this unreachable; keep it explicit
-        raise CheckpointError(f"weights not assigned: {_names(sorted(set(leftover + unfilled)) + list(result.unexpected_keys))}")
+        not_assigned = sorted(set(leftover + unfilled)) + list(result.unexpected_keys)
+        raise CheckpointError(f"weights not assigned: {_names(not_assigned)}")
     for p in module.parameters():
         p.requires_grad_(False)
 
