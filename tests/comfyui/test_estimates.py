@@ -15,7 +15,6 @@ import inspect
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.comfyui.test_memory import COMFYUI_PATH
 from tests.comfyui.test_native import call, comfy, edit_inputs, pack_node, sample_custom, scheduler, t2i_inputs  # noqa: F401
@@ -57,30 +56,9 @@ def spy(comfy, monkeypatch):
     return calls
 
 
-def edit_at(comfy, scale: int):
-    """The golden edit, its image upscaled ``scale`` times (so the edit size changes)."""
-    p, context, condition, positive, middle, negative, empty = edit_inputs(comfy)
-    if scale == 1:
-        return p, context, condition, positive, middle, negative, empty
-    from PIL import Image
-    import numpy as np
-
-    from tests.golden import TINY_A
-
-    image = torch.from_numpy(np.array(Image.open(TINY_A / "cases" / "edit" / "input.png").convert("RGB")))
-    image = (image.float() / 255.0)[None]
-    image = F.interpolate(image.movedim(-1, 1), scale_factor=scale, mode="bilinear").movedim(1, -1).clamp(0, 1)
-    managed = comfy["managed"]
-    context, resized, empty = pack_node(comfy, "OvisU1EditContextEncoder", model=managed, image=image,
-                                        seed=p["vae_sample_seed"])
-    condition, positive, middle, negative = pack_node(comfy, "OvisU1EncodeCondition", model=managed,
-                                                      prompt=p["prompt"], mode="edit", image=resized, context=context)
-    return p, context, condition, positive, middle, negative, empty
-
-
 @pytest.mark.parametrize("scale", [1, 2])
 def test_both_call_paths_see_the_text_and_the_edit_context(comfy, spy, scale):
-    p, context, condition, positive, middle, negative, empty = edit_at(comfy, scale)
+    p, context, condition, positive, middle, negative, empty = edit_inputs(comfy, scale)
     (guider,) = call(comfy["custom"].DualCFGGuider, model=comfy["model"], cond1=positive, cond2=middle,
                      negative=negative, cfg_conds=p["txt_cfg"], cfg_cond2_negative=p["img_cfg"], style="regular")
     steps = dict(p, steps=2)
@@ -115,7 +93,7 @@ def test_both_call_paths_see_the_text_and_the_edit_context(comfy, spy, scale):
 def test_the_estimate_grows_with_the_edit_size(comfy, spy):
     results = {}
     for scale in (1, 2):
-        p, context, _, positive, middle, negative, empty = edit_at(comfy, scale)
+        p, context, _, positive, middle, negative, empty = edit_inputs(comfy, scale)
         (guider,) = call(comfy["custom"].DualCFGGuider, model=comfy["model"], cond1=positive, cond2=middle,
                          negative=negative, cfg_conds=p["txt_cfg"], cfg_cond2_negative=p["img_cfg"], style="regular")
         spy.clear()

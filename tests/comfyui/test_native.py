@@ -17,6 +17,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tests.comfyui.test_memory import COMFYUI_PATH, comfy_in_process, load
@@ -121,10 +122,13 @@ def test_text_to_image_equals_the_pack_sampler(comfy):
         assert_golden_image(uint8(image[0]), tensors("t2i")["output_image_uint8"])
 
 
-def edit_inputs(comfy):
+def edit_inputs(comfy, scale: int = 1):
+    """The golden edit through the pack's nodes; ``scale`` > 1 upscales its image first (another edit size)."""
     p = case_params("edit")
     image = torch.from_numpy(np.array(Image.open(TINY_A / "cases" / "edit" / "input.png").convert("RGB")))
     image = (image.float() / 255.0)[None]
+    if scale != 1:
+        image = F.interpolate(image.movedim(-1, 1), scale_factor=scale, mode="bilinear").movedim(1, -1).clamp(0, 1)
     managed = comfy["managed"]
     context, resized, empty = pack_node(comfy, "OvisU1EditContextEncoder", model=managed, image=image,
                                         seed=p["vae_sample_seed"])
