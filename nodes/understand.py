@@ -31,7 +31,8 @@ class OvisU1Understand:
                 "model": (MODEL_TYPE, {"tooltip": "The Ovis-U1 model from 'Ovis-U1 Model Loader'."}),
                 "question": ("STRING", {
                     "multiline": True, "default": "Describe this image in detail.",
-                    "tooltip": "The question or instruction; it must not be empty.",
+                    "tooltip": "The question or request; it must not be empty. Without an image any text, e.g. a short "
+                               "prompt to rewrite.",
                 }),
                 "max_new_tokens": ("INT", {
                     "default": 1024, "min": 1, "max": 8192,

@@ -17,7 +17,9 @@ DOCS = ROOT / PACK.WEB_DIRECTORY / "docs"
 
 
 def table(text: str, heading: str) -> list[list[str]]:
-    """The rows (cells, without header and separator) of the first table under ``## heading``."""
+    """The rows (cells, without header and separator) of the first table under ``## heading``. Inputs are listed as
+    | input | what it does | type | default |: the description second, so it shows first in the frontend's narrow
+    side panel (as ComfyUI's own node docs do)."""
     section = re.search(rf"^## {heading}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
     assert section, f"no '## {heading}' section"
     rows = [line for line in section.group(1).splitlines() if line.startswith("|")]
@@ -58,7 +60,7 @@ def test_page_matches_the_node_definition(name):
     inputs = [(n, s, section) for section in ("required", "optional") for n, s in spec.get(section, {}).items()]
     rows = table(text, "Inputs")
     assert [name_of(r[0]) for r in rows] == [n for n, _, _ in inputs], f"{name}: inputs differ or are out of order"
-    for (input_name, (kind, *rest), section), (_, type_cell, default_cell, _) in zip(inputs, rows):
+    for (input_name, (kind, *rest), section), (_, _, type_cell, default_cell) in zip(inputs, rows):
         options = rest[0] if rest else {}
         where = f"{name}.{input_name}"
         widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")
