@@ -41,8 +41,9 @@ def understand_memory(model, images, question: str, max_new_tokens: int) -> int:
 class OvisU1Understand:
     DESCRIPTION = (
         "Answers a question about the connected images with Ovis-U1 (all images of the batch go into one prompt), "
-        "or chats without an image. Greedy decoding by default, as the official demo; the answer is shown on the "
-        "node and returned as text."
+        "or chats without an image. An optional instruction (system prompt) says how to answer, e.g. rewrite a "
+        "short prompt in detail for Encode Condition. Greedy decoding by default, as the official demo; the answer "
+        "is shown on the node and returned as text."
     )
     CATEGORY = "Ovis-U1"
     RETURN_TYPES = ("STRING",)
@@ -58,7 +59,8 @@ class OvisU1Understand:
                 "model": (MODEL_TYPE, {"tooltip": "The Ovis-U1 model from 'Ovis-U1 Model Loader'."}),
                 "question": ("STRING", {
                     "multiline": True, "default": "Describe this image in detail.",
-                    "tooltip": "The question or instruction; it must not be empty.",
+                    "tooltip": "The question or request; it must not be empty. Without an image any text, e.g. a short "
+                               "prompt to rewrite.",
                 }),
                 "max_new_tokens": ("INT", {
                     "default": 1024, "min": 1, "max": 8192,
@@ -88,17 +90,24 @@ class OvisU1Understand:
                     "tooltip": "Images to ask about; every image of the batch goes into the same prompt. "
                                "Leave unconnected for a text-only chat.",
                 }),
+                # last, so the widget values of workflows saved before it existed keep their places
+                "instruction": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Optional system prompt: how to answer (e.g. 'Rewrite the prompt as one detailed "
+                               "paragraph'), given to the model apart from the question. Empty: none (the "
+                               "official prompt).",
+                }),
             },
         }
 
     def understand(self, model, question, max_new_tokens=1024, do_sample=False, temperature=1.0, top_p=1.0,
-                   seed=0, image=None):
+                   seed=0, image=None, instruction=""):
         images = to_pil_list(image, "image") if image is not None else None
         progress = bridge.Progress(max_new_tokens)
         ovis = model.use("llm", understand_memory(model, images, question, max_new_tokens))
         result = ovis.understand(
             images, question, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_p=top_p, seed=seed, on_token=lambda done, total: progress.update(done),
+            top_p=top_p, seed=seed, on_token=lambda done, total: progress.update(done), instruction=instruction,
         )
         progress.finish()
         notes = [f"⚠ {note}" for note in getattr(result, "warnings", [])]

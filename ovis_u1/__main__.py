@@ -223,7 +223,7 @@ def run_demo(args) -> int:
 def run_task(args) -> int:
     from PIL import Image
 
-    from . import inputs
+    from . import inputs, prompts
 
     # Everything that can be checked without the model is checked first: a typo costs seconds, not a load.
     out = check_output_file(args.out) if args.command in ("t2i", "edit") else None
@@ -241,6 +241,7 @@ def run_task(args) -> int:
             inputs.check_seed(args.context_seed, "context_seed")
     else:
         inputs.check_prompt(args.question, "question")
+        prompts.check_instruction(args.instruction)
         images = [open_image(p) for p in args.images]
         inputs.check_max_new_tokens(args.max_new_tokens), inputs.check_seed(args.seed)
         if args.sample:
@@ -263,7 +264,7 @@ def run_task(args) -> int:
     else:
         answer = model.understand(images, args.question, max_new_tokens=args.max_new_tokens,
                                   do_sample=args.temperature > 0 and args.sample, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed)
+                                  top_p=args.top_p, seed=args.seed, instruction=args.instruction)
         print(answer.text)
     return 0
 
@@ -318,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--temperature", type=float, default=1.0)
     u.add_argument("--top-p", type=float, default=1.0)
     u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--instruction", default=None,
+                   help="system prompt: how to answer, e.g. 'Rewrite the prompt as one detailed paragraph.'")
 
     s = sub.add_parser("smoke-model", help="write the small random-weight Ovis-U1 to a folder")
     s.add_argument("directory")

@@ -218,8 +218,13 @@ class OvisU1(nn.Module):
         seed: int = 0,
         on_token: Callable[[int, int], None] | None = None,
         scores: list[torch.Tensor] | None = None,
+        instruction: str | None = None,
     ) -> Understanding:
+        """Answer ``question`` about ``images`` (none: a text-only chat). ``instruction`` is an optional system
+        prompt, written as the Qwen3 system turn before the question (e.g. "rewrite the prompt in detail"); None or
+        empty text gives the official prompt, which has no system turn."""
         check_prompt(question, "question")
+        instruction = prompts.check_instruction(instruction)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         if do_sample:  # greedy decoding ignores them (the CLI passes temperature 0 for greedy)
             temperature, top_p = check_sampling(temperature, top_p)
@@ -227,10 +232,11 @@ class OvisU1(nn.Module):
         if isinstance(images, Image.Image):
             images = [images]
         images = [check_pil_image(img, f"image {i + 1}") for i, img in enumerate(images or [])]
-        ids = prompts.understanding_ids(self.tokenizer, question, len(images))
+        ids = prompts.understanding_ids(self.tokenizer, question, len(images), instruction)
         visual = self._visual_embeds(images) if images else []
         notes: list[str] = []
-        embeds = self._merge(ids, visual, notes, "the question", images_adjustable=True)
+        what = "the question" if instruction is None else "the instruction and the question"
+        embeds = self._merge(ids, visual, notes, what, images_adjustable=True)
         token_ids = generate(
             self.llm, embeds, self.tokenizer.eos_token_id, max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, scores=scores,

@@ -11,6 +11,9 @@ code fails (here: an IndexError). This module splits only where the template put
 official code. The chat markup the tokenizer treats as special tokens (``<|im_start|>``, ``<|im_end|>``,
 ``<|endoftext|>``…) would be parsed as markup inside user text too and end the user's turn early; it cannot be
 made plain text without changing the tokenization of the surrounding words, so it is refused with a clear error.
+
+An understanding prompt may start with a system turn holding an instruction (how to answer, e.g. "rewrite this
+prompt in detail"); the official prompt has none, and an empty instruction writes none.
 """
 
 from __future__ import annotations
@@ -121,6 +124,14 @@ def user_turn(text: str) -> str:
     return f"<|im_start|>user\n{text}<|im_end|>\n"
 
 
+def system_turn(text: str) -> str:
+    """A system message as the Qwen3 chat template writes it (first turn, ``<|im_start|>system\n…<|im_end|>\n``;
+    Qwen3 has no default system prompt, so without one no system turn is written) and as the official Ovis
+    formatter tokenizes it (ovis/model/conversation_formatter.py, Qwen3ConversationFormatter.format: one turn, its
+    own tokenizer call)."""
+    return f"<|im_start|>system\n{text}<|im_end|>\n"
+
+
 def assistant_preface() -> str:
     """Start of the answer with thinking switched off (Qwen3 ``enable_thinking=False``)."""
     return "<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -207,10 +218,28 @@ def tokenize_turn(tokenizer, turn: str) -> list[int]:
     return tokenize_parts(tokenizer, [turn])
 
 
-def understanding_ids(tokenizer, question: str, num_images: int) -> list[int]:
+def check_instruction(instruction) -> str | None:
+    """The instruction (system prompt) of an understanding turn, or None when there is none: None, "" and text of
+    only whitespace all mean "no instruction", so a cleared text box gives exactly the prompt without one."""
+    if instruction is None:
+        return None
+    if not isinstance(instruction, str):
+        raise OvisU1InputError(f"instruction must be text, got {type(instruction).__name__}: pass a string, or "
+                               "leave it empty for no instruction")
+    return instruction if instruction.strip() else None
+
+
+def understanding_ids(tokenizer, question: str, num_images: int, instruction: str | None = None) -> list[int]:
+    """Token ids of an understanding prompt: an optional system turn with ``instruction``, the user turn with the
+    images and the question, and the start of the answer. Without an instruction this is the official prompt."""
     check_markup(tokenizer, question, "question")
+    instruction = check_instruction(instruction)
+    ids: list[int] = []
+    if instruction is not None:
+        check_markup(tokenizer, instruction, "instruction")
+        ids += tokenize_parts(tokenizer, [system_turn(instruction)])  # plain text: no image slot in a system turn
     parts = user_turn_parts(understanding_query(question, num_images))
-    return tokenize_parts(tokenizer, parts) + tokenize_turn(tokenizer, assistant_preface())
+    return ids + tokenize_parts(tokenizer, parts) + tokenize_turn(tokenizer, assistant_preface())
 
 
 def condition_ids(tokenizer, mode: str, branch: str, prompt: str) -> list[int]:

@@ -5,7 +5,9 @@ Validation mirrors what the frontend does when it loads a graph: ``widgets_value
 input (INT, FLOAT, STRING, BOOLEAN, COMBO) in INPUT_TYPES order (required, then optional); an INT with
 ``control_after_generate`` (by default any input named ``seed``/``noise_seed``) is followed by its control value;
 an ``image_upload`` COMBO is followed by the upload widget's value. Links must agree with the node definitions'
-socket types and with the nodes' own link references.
+socket types and with the nodes' own link references. A widget may be driven by a link (an input entry with
+``"widget": {"name": ...}``, as the frontend saves a widget converted to an input): the link then gives the value
+and the saved widget value stays as the fallback the widget shows when the link is removed.
 
 Core ComfyUI nodes are not importable here: they are described by hand-written specs (``CORE_NODES``, copied from
 ComfyUI 0.3.64's nodes.py / comfy_extras) and executed by minimal stand-ins.
@@ -29,7 +31,7 @@ from tests.golden import CHECKPOINT, TINY_A, requires_golden
 
 WORKFLOWS = ROOT / "workflows"
 NAMES = ("text_to_image", "image_edit", "image_understanding", "multi_image_understanding", "canny_to_image",
-         "native_text_to_image", "native_image_edit")
+         "native_text_to_image", "native_image_edit", "prompt_rewrite_to_image")
 MODEL_FOLDER = "Ovis-U1-3B"
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -120,6 +122,13 @@ EXPECTED_WIDGETS = {
         "CFGGuider": {"cfg": 5.0}, "KSamplerSelect": {"sampler_name": "euler"},
         "RandomNoise": {"noise_seed": 42, "noise_seed:control": "fixed"},
     },
+    "prompt_rewrite_to_image": {
+        # a rewrite of 80–150 words needs about 200 tokens; 256 caps an answer that runs on (the note says so)
+        "OvisU1Understand": {"do_sample": False, "max_new_tokens": 256},
+        "OvisU1EncodeCondition": {"mode": "text-to-image", "width": 1024, "height": 1024},
+        "OvisU1Sampler": {"width": 1024, "height": 1024, "steps": 50, "txt_cfg": 5.0, "seed": 42,
+                          "seed:control": "fixed", "timestep_shift": "config"},
+    },
     "native_image_edit": {
         "OvisU1EncodeCondition": {"mode": "edit"},
         "OvisU1Scheduler": {"steps": 50, "timestep_shift": "config", "denoise": 1.0},
@@ -178,6 +187,11 @@ EXPECTED_LINKS = {
         ("LoadImage", 0, "ImageBatch", "image1"), ("LoadImage", 0, "ImageBatch", "image2"),
         ("ImageBatch", 0, "OvisU1Understand", "image"),
     ],
+    "prompt_rewrite_to_image": [
+        ("OvisU1Understand", 0, "OvisU1EncodeCondition", "prompt"),
+        ("OvisU1EncodeCondition", 0, "OvisU1Refiner", "condition"), ("OvisU1Refiner", 0, "OvisU1Sampler", "refined"),
+        ("OvisU1Sampler", 0, "OvisU1VAEDecode", "samples"), ("OvisU1VAEDecode", 0, "SaveImage", "images"),
+    ],
 }
 
 
@@ -225,6 +239,18 @@ def socket_types(cls) -> dict[str, tuple[str, bool]]:
     return {name: (kind, section == "required") for section in ("required", "optional")
             for name, (kind, options) in ((n, _split(s)) for n, s in spec.get(section, {}).items())
             if not _is_widget(kind, options)}
+
+
+def input_type(cls, name: str) -> str | None:
+    """The type a link into input ``name`` must carry: a socket's type, or a linkable widget's (INT, FLOAT, STRING,
+    BOOLEAN; a COMBO is 'COMBO'); None when the node has no such input."""
+    sockets = socket_types(cls)
+    if name in sockets:
+        return sockets[name][0]
+    for widget, kind, _ in widget_slots(cls):
+        if widget == name:
+            return "COMBO" if isinstance(kind, (list, tuple)) else kind
+    return None
 
 
 def widget_values(node: dict) -> dict[str, object]:
@@ -311,11 +337,13 @@ def validate(graph: dict) -> None:
         names = [i["name"] for i in node["inputs"]]
         assert len(names) == len(set(names)), f"{where}: duplicate inputs"
         for slot, inp in enumerate(node["inputs"]):
-            if "widget" in inp:  # the newer frontend lists widgets as inputs too; none may be linked
-                assert inp["link"] is None, f"{where}: widget {inp['name']} converted to a linked socket"
-                continue
-            assert inp["name"] in sockets, f"{where}: unknown input {inp['name']!r}"
-            assert inp["type"] == sockets[inp["name"]][0], f"{where}.{inp['name']}: type {inp['type']}"
+            if "widget" in inp:  # a widget listed as an input (the frontend does so when it can take a link)
+                assert inp["widget"] == {"name": inp["name"]}, f"{where}: widget input {inp}"
+                assert inp["name"] not in sockets and input_type(cls, inp["name"]) == inp["type"], (
+                    f"{where}: {inp['name']!r} is not a {inp['type']} widget of the node")
+            else:
+                assert inp["name"] in sockets, f"{where}: unknown input {inp['name']!r}"
+                assert inp["type"] == sockets[inp["name"]][0], f"{where}.{inp['name']}: type {inp['type']}"
             if inp["link"] is not None:
                 link = links[inp["link"]]
                 assert (link[3], link[4]) == (node["id"], slot), f"{where}.{inp['name']}: link {link} points elsewhere"
@@ -334,7 +362,7 @@ def validate(graph: dict) -> None:
         assert src in nodes and dst in nodes, f"{where}: unknown node"
         out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
         assert node_class(nodes[src]["type"]).RETURN_TYPES[src_slot] == out["type"] == type_, f"{where}: {type_}"
-        assert socket_types(node_class(nodes[dst]["type"]))[inp["name"]][0] == inp["type"] == type_, where
+        assert input_type(node_class(nodes[dst]["type"]), inp["name"]) == inp["type"] == type_, where
         assert link_id in (out.get("links") or []) and inp["link"] == link_id, f"{where}: not referenced by its nodes"
 
     # the frontend's execution order: every link goes forward
@@ -415,6 +443,15 @@ def test_workflow_is_wired_as_described(name):
         sampler = widget_values(nodes_of(graph, "OvisU1Sampler")[0])
         assert (condition["width"], condition["height"]) == (sampler["width"], sampler["height"])
         assert not any(i["link"] for n in graph["nodes"] for i in n["inputs"] if i["name"] in ("image", "context"))
+    if name == "prompt_rewrite_to_image":  # a text-only rewrite, told how by its instruction, feeds the prompt
+        (understand,) = nodes_of(graph, "OvisU1Understand")
+        assert not any(i["link"] for i in understand["inputs"] if i["name"] == "image")
+        assert widget_values(understand)["instruction"].strip(), "the rewriting instruction is empty"
+        condition = widget_values(nodes_of(graph, "OvisU1EncodeCondition")[0])
+        sampler = widget_values(nodes_of(graph, "OvisU1Sampler")[0])
+        assert (condition["width"], condition["height"]) == (sampler["width"], sampler["height"])
+        # without the link, Encode Condition draws the short prompt as written (the note offers that comparison)
+        assert condition["prompt"] == widget_values(understand)["question"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -492,6 +529,7 @@ class Executor:
         self.overrides = overrides or {}
         self.cache = cache if cache is not None else {}  # loader results, as ComfyUI's cache would keep them
         self.saved: dict[int, torch.Tensor] = {}  # SaveImage / PreviewImage inputs by node id
+        self.received: dict[int, dict] = {}  # the kwargs every node was called with, by node id
         self.ui: dict[int, dict] = {}
 
     @staticmethod
@@ -527,6 +565,7 @@ class Executor:
         outputs: dict[int, tuple] = {}
         for node in topological(graph):
             kwargs = self.kwargs(node, outputs, links)
+            self.received[node["id"]] = kwargs
             if node["type"] in CORE_NODES:
                 outputs[node["id"]] = self.core(node, kwargs)
                 continue
@@ -622,6 +661,21 @@ def test_understanding_workflows_run(name, images, models_dir, model_cache):
     (node,) = nodes_of(load_workflow(name), "OvisU1Understand")
     ui = executor.ui[node["id"]]
     assert isinstance(ui["text"][0], str) and ui["text"][0].strip(), "empty answer"
+
+
+@requires_golden
+def test_prompt_rewrite_workflow_runs(models_dir, model_cache):
+    """The Understand node's answer (nonsense from the tiny model, but text) is the prompt Encode Condition gets,
+    in place of the value saved in its widget; the image is drawn from it."""
+    graph = load_workflow("prompt_rewrite_to_image")
+    executor = _run("prompt_rewrite_to_image", [], model_cache)
+    (understand,) = nodes_of(graph, "OvisU1Understand")
+    (encode,) = nodes_of(graph, "OvisU1EncodeCondition")
+    answer = executor.ui[understand["id"]]["text"][0]
+    assert isinstance(answer, str) and answer.strip(), "empty rewrite"
+    assert executor.received[understand["id"]]["instruction"] == widget_values(understand)["instruction"]
+    assert executor.received[encode["id"]]["prompt"] == answer != widget_values(encode)["prompt"]
+    _assert_image(_saved(executor, graph, "SaveImage"), 1024, 1024, "rewritten-prompt image")
 
 
 def test_executor_maps_widgets_like_the_frontend():

@@ -1,0 +1,83 @@
+"""The node help pages (nodes/web/docs/<node>.md): one per node, where ComfyUI's frontend looks for a custom node's
+help (``/extensions/<pack>/docs/<node>.md``, served from WEB_DIRECTORY; the frontend's NodeHelpService tries
+``docs/<node>/<locale>.md`` first and falls back to this file), and saying the same as the node definitions: every
+input in INPUT_TYPES order with its default and range, every output by name."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.pack import ROOT, import_pack
+
+PACK = import_pack()
+NODES = PACK.NODE_CLASS_MAPPINGS
+DOCS = ROOT / PACK.WEB_DIRECTORY / "docs"
+
+
+def table(text: str, heading: str) -> list[list[str]]:
+    """The rows (cells, without header and separator) of the first table under ``## heading``. Inputs are listed as
+    | input | what it does | type | default |: the description second, so it shows first in the frontend's narrow
+    side panel (as ComfyUI's own node docs do)."""
+    section = re.search(rf"^## {heading}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert section, f"no '## {heading}' section"
+    rows = [line for line in section.group(1).splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def name_of(cell: str) -> str:
+    assert cell.startswith("`") and cell.endswith("`"), cell
+    return cell.strip("`")
+
+
+def shown_default(kind, options: dict) -> str | None:
+    """How a default is written in the Default column, or None where the page says it otherwise."""
+    if "default" not in options:
+        return None
+    value = options["default"]
+    if kind == "BOOLEAN":
+        return f"`{options['label_on'] if value else options['label_off']}`"
+    if kind == "STRING" and value == "":
+        return "empty"
+    return f"`{value}`"
+
+
+def test_every_node_has_a_page_and_no_page_is_left_over():
+    assert PACK.WEB_DIRECTORY == "./nodes/web"
+    assert sorted(p.stem for p in DOCS.glob("*.md")) == sorted(NODES)
+
+
+@pytest.mark.parametrize("name", sorted(NODES))
+def test_page_matches_the_node_definition(name):
+    text = (DOCS / f"{name}.md").read_text(encoding="utf-8")
+    cls = NODES[name]
+    assert text.startswith(f"# {PACK.NODE_DISPLAY_NAME_MAPPINGS[name]}\n")
+    for heading in ("Defaults", "Example"):
+        assert re.search(rf"^## {heading}", text, re.M), f"{name}: no {heading} section"
+
+    spec = cls.INPUT_TYPES()
+    inputs = [(n, s, section) for section in ("required", "optional") for n, s in spec.get(section, {}).items()]
+    rows = table(text, "Inputs")
+    assert [name_of(r[0]) for r in rows] == [n for n, _, _ in inputs], f"{name}: inputs differ or are out of order"
+    for (input_name, (kind, *rest), section), (_, _, type_cell, default_cell) in zip(inputs, rows):
+        options = rest[0] if rest else {}
+        where = f"{name}.{input_name}"
+        widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")
+        if not widget:  # a socket: whether it must be connected (a widget always has a value)
+            assert ("optional" in type_cell) == (section == "optional"), f"{where}: optional is '{type_cell}'"
+        want = shown_default(kind, options)
+        if want is not None:
+            assert default_cell == want, f"{where}: the page says {default_cell}, the node {want}"
+        if isinstance(kind, list):
+            shown = [c.strip() for c in type_cell.split(",")[0].split("/")]
+            assert kind == shown or type_cell == "list", f"{where}: choices {shown}, the node {kind}"
+        if kind in ("INT", "FLOAT") and "min" in options and options.get("max", 0) < 2**32:
+            found = re.search(r"([\d.]+)–([\d.]+)", type_cell)
+            assert found and (float(found[1]), float(found[2])) == (options["min"], options["max"]), (
+                f"{where}: range '{type_cell}', the node {options['min']}–{options['max']}")
+
+    outputs = table(text, "Outputs")
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    assert [name_of(r[0]) for r in outputs] == list(names), f"{name}: outputs"
+    assert [r[1] for r in outputs] == list(cls.RETURN_TYPES), f"{name}: output types"
