@@ -104,8 +104,8 @@ class OvisU1Understand:
                    seed=0, image=None, instruction=""):
         images = to_pil_list(image, "image") if image is not None else None
         progress = bridge.Progress(max_new_tokens)
-        text = question if not isinstance(instruction, str) else instruction + str(question)
-        ovis = model.use("llm", understand_memory(model, images, text, max_new_tokens))
+        prompt_text = f"{instruction or ''}{question}"  # its length bounds the prompt's tokens
+        ovis = model.use("llm", understand_memory(model, images, prompt_text, max_new_tokens))
         result = ovis.understand(
             images, question, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_p=top_p, seed=seed, on_token=lambda done, total: progress.update(done), instruction=instruction,
