@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .inputs import OvisU1InputError
+from .inputs import OvisU1InputError, check_characters
 
 IMAGE_TOKEN = "<image>"
 IMAGE_ATOM_ID = -300
@@ -183,6 +183,7 @@ def markup_in(tokenizer, text: str) -> list[str]:
 
 
 def check_markup(tokenizer, text: str, name: str) -> None:
+    check_characters(text, name)  # for callers of the prompt functions that bypass check_prompt
     found = markup_in(tokenizer, text)
     if found:
         raise OvisU1InputError(
