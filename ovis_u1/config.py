@@ -312,9 +312,14 @@ def _llm_config(raw: dict) -> dict:
     from .llm import Qwen3Params, qwen3_params
 
     for key in ("hidden_size", "vocab_size"):
-        if raw.get(key) is None:
+        if key not in raw:
             raise CheckpointError(f"config.json llm_config.{key} is missing; download the checkpoint's config.json "
                                   "again")
+    rope = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})} if all(
+        isinstance(raw.get(k), (dict, type(None))) for k in ("rope_scaling", "rope_parameters")) else {}
+    if "rope_theta" in raw and raw["rope_theta"] is None and "rope_theta" not in rope:
+        raise CheckpointError("config.json llm_config.rope_theta is null and no rope_parameters give it; correct it "
+                              "(Ovis-U1-3B: 1000000.0) or download the checkpoint's config.json again")
     present = {k: v for k, v in raw.items() if not (k in _LLM_NULLABLE and v is None)}
     llm_config = {**raw, **_fields(Qwen3Params, present, "llm_config")}
     for key, hint in _LLM_OTHER.items():
