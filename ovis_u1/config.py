@@ -154,7 +154,9 @@ def _kind(hint, name: str) -> str:
 
 def _scalar(value, hint, name: str):
     if hint in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad
+        if isinstance(value, float) and not math.isfinite(value):
             raise _Bad
         if hint is int:
             if value != int(value):  # 2048.0 is unambiguous, 2048.5 is not
@@ -203,7 +205,10 @@ def config_value(raw: dict, key: str, hint, where: str, file: str = "config.json
     try:
         return _typed(value, hint, name)
     except _Bad:
-        shown = json.dumps(value) if isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
+        try:
+            shown = json.dumps(value)  # as it is written in the file
+        except (TypeError, ValueError):
+            shown = repr(value)
         raise CheckpointError(f"{file} {where} is {shown}, not {_kind(hint, name)}; {_fix(value, hint, name)} or "
                               f"download the checkpoint's {file} again") from None
 
