@@ -331,8 +331,8 @@ class OvisU1VAEDecode:
                 f"samples: expected an SDXL-VAE latent [B, {channels}, H/8, W/8], got {shape}; connect the output of "
                 "'Ovis-U1 MMDiT Sampler' or 'Ovis-U1 VAE Encode'"
             )
-        check_not_empty(latent, "samples", "latents", "there is nothing to decode: connect a LATENT that holds at least "
-                        "one (from 'Ovis-U1 MMDiT Sampler' or 'Ovis-U1 VAE Encode')")
+        check_not_empty(latent, "samples", "latents", "there is nothing to decode: connect a LATENT that holds at "
+                        "least one (from 'Ovis-U1 MMDiT Sampler' or 'Ovis-U1 VAE Encode')")
         check_finite(latent, "samples")  # NaN/inf latents are an error naming the input
         ovis = model.use("vae", _vae_decode_memory(latent.shape, _vae_dtype(model.model)))
         progress = bridge.Progress(latent.shape[0])

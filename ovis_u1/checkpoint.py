@@ -144,7 +144,8 @@ def read_header(file, path: Path) -> tuple[int, dict[str, dict]]:
         if not isinstance(header, dict):
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     except (ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); the file is truncated or corrupt — download it again") from e
+        raise CheckpointError(f"cannot read {path} ({e}); the file is truncated or corrupt — download it "
+                              "again") from e
     metadata = header.get("__metadata__")
     if metadata is not None and not isinstance(metadata, dict):
         raise CheckpointError(f"{path} is corrupt: its __metadata__ is a JSON {type(metadata).__name__}, not an "

@@ -144,9 +144,9 @@ def check_characters(text: str, name: str) -> str:
         context = text[max(0, e.start - 20) : e.start]  # e.start is the first such code point: this part is clean
         after = f" (after {context!r})" if context else ""
         raise OvisU1InputError(
-            f"{name} contains U+{ord(text[e.start]):04X} at {where}{after}, half of a UTF-16 surrogate pair and not "
-            f"a character of its own (it comes from a broken copy and paste or from bytes that are not UTF-8); remove "
-            f"it from the {name} or type the text again"
+            f"{name} contains U+{ord(text[e.start]):04X} at {where}{after}, half of a UTF-16 surrogate pair and "
+            "not a character of its own (it comes from a broken copy and paste or from bytes that are not UTF-8); "
+            f"remove it from the {name} or type the text again"
         ) from None
     return text
 
