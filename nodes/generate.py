@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from ovis_u1 import Condition, EditContext, OvisU1InputError, Refined
+from ovis_u1.inputs import check_not_empty
 from ovis_u1.model import MAX_CFG, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
 from ovis_u1.sampling import unpack_latents
 from ovis_u1.vae import latent_to_vae
@@ -333,6 +334,8 @@ class OvisU1VAEDecode:
                 f"samples: expected an SDXL-VAE latent [B, {channels}, H/8, W/8], got {shape}; connect the output of "
                 "'Ovis-U1 MMDiT Sampler' or 'Ovis-U1 VAE Encode'"
             )
+        check_not_empty(latent, "samples", "latents", "there is nothing to decode: connect a LATENT that holds at "
+                        "least one (from 'Ovis-U1 MMDiT Sampler' or 'Ovis-U1 VAE Encode')")
         check_finite(latent, "samples")  # NaN/inf latents are an error naming the input
         ovis = model.use("vae", _vae_decode_memory(latent.shape, _vae_dtype(model.model)))
         progress = bridge.Progress(latent.shape[0])

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from ovis_u1 import OvisU1InputError
-from ovis_u1.inputs import check_finite, check_image_area
+from ovis_u1.inputs import check_finite, check_image_area, check_not_empty
 from ovis_u1.model import MAX_ENCODE_PIXELS
 
 
@@ -16,10 +16,11 @@ def _check(image, name: str) -> torch.Tensor:
         raise OvisU1InputError(f"{name}: expected an IMAGE tensor, got {type(image).__name__}")
     if image.ndim == 3:  # a single H×W×C image without the batch dimension
         image = image[None]
-    if image.ndim != 4 or image.shape[0] == 0 or not 1 <= image.shape[-1] <= 4:
+    if image.ndim != 4 or not 1 <= image.shape[-1] <= 4:
         raise OvisU1InputError(
             f"{name}: expected an IMAGE batch [B, H, W, C] with 1–4 channels, got shape {list(image.shape)}"
         )
+    check_not_empty(image, name, "images", "connect an IMAGE that holds at least one image (e.g. from 'Load Image')")
     if not image.is_floating_point():
         raise OvisU1InputError(f"{name}: expected a float IMAGE with values 0..1, got {image.dtype}; convert it "
                                "(divide 8-bit values by 255)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import threading
@@ -28,10 +29,11 @@ class CheckpointError(ValueError):
 
 
 def is_ovis_u1_dir(directory: str | Path) -> bool:
-    config = Path(directory) / "config.json"
+    """Whether ``directory`` holds an Ovis-U1 config.json. For listing folders: a config.json that cannot be read
+    (missing, no permission, invalid) is quietly not one; loading that folder explains why (``check_directory``)."""
     try:
-        return json.loads(config.read_text()).get("model_type") == "ovis_u1"
-    except (OSError, ValueError, AttributeError):
+        return read_json(Path(directory) / "config.json").get("model_type") == "ovis_u1"
+    except CheckpointError:
         return False
 
 
@@ -103,31 +105,18 @@ def weight_files(directory: str | Path) -> list[Path]:
 def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
     """key → (shape, file), from the safetensors headers only (no tensor data is read).
 
-    The header's data offsets also reveal a file cut short, which safetensors itself would only notice when the
-    missing tensor is read.
+    Every header entry is checked (``read_header``): its data offsets also reveal a file cut short, which safetensors
+    itself would only notice when the missing tensor is read.
     """
     shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
     for path in files:
-        size = path.stat().st_size
         try:
             fh = open(path, "rb")
         except PermissionError as e:
             raise CheckpointError(f"cannot read {path}: permission denied; make the file readable (e.g. chmod a+r)") from e
-        try:
-            with fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                if not 0 < header_len <= size - 8:
-                    raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
-                header = json.loads(fh.read(header_len))
-            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"cannot read {path} ({e}); the file is truncated or corrupt — download it again") from e
-        if size < 8 + header_len + end:
-            raise CheckpointError(
-                f"{path} is truncated: {size} bytes on disk, {8 + header_len + end} expected; download it again"
-            )
-        not_float = sorted(f"{k} ({v.get('dtype')})" for k, v in tensors.items() if v.get("dtype") not in FLOAT_DTYPES)
+        with fh:
+            _, tensors = read_header(fh, path)
+        not_float = sorted(f"{k} ({v['dtype']})" for k, v in tensors.items() if v["dtype"] not in FLOAT_DTYPES)
         if not_float:
             raise CheckpointError(
                 f"{path} stores tensor(s) that are not floating point: {_names(not_float)}; Ovis-U1 weights are "
@@ -137,6 +126,78 @@ def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
         for key, info in tensors.items():
             shapes[key] = (tuple(info["shape"]), path)
     return shapes
+
+
+def read_header(file, path: Path) -> tuple[int, dict[str, dict]]:
+    """The header of the open safetensors ``file``: (where the tensor data starts, key → {dtype, shape,
+    data_offsets}), every entry checked against the layout the format prescribes (github.com/huggingface/
+    safetensors, README "Format"): a dtype name, a shape of whole numbers, offsets [begin, end] into the data with
+    end − begin = numel · itemsize, no two tensors sharing bytes, none past the end of the file. A bad entry
+    would otherwise be read as whatever bytes its offsets point at, or fail in torch with an error that names
+    neither the file nor the key."""
+    size = os.fstat(file.fileno()).st_size
+    try:
+        header_len = int.from_bytes(file.read(8), "little")
+        if not 0 < header_len <= size - 8:
+            raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
+        header = json.loads(file.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); the file is truncated or corrupt — download it "
+                              "again") from e
+    metadata = header.get("__metadata__")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} is corrupt: its __metadata__ is a JSON {type(metadata).__name__}, not an "
+                              "object; download it again")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    data_start = 8 + header_len
+    for key, info in tensors.items():
+        _check_entry(path, key, info)
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], key) for key, info in tensors.items()
+                   if info["data_offsets"][1] > info["data_offsets"][0])
+    for (_, end, key), (begin, _, next_key) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(
+                f"{path} is corrupt: tensors {key!r} (bytes {tensors[key]['data_offsets']}) and {next_key!r} (bytes "
+                f"{tensors[next_key]['data_offsets']}) overlap in its header's data_offsets; download it again")
+    end, last = max(((e, k) for _, e, k in spans), default=(0, None))
+    if size < data_start + end:
+        raise CheckpointError(f"{path} is truncated: {size} bytes on disk, {data_start + end} expected (tensor "
+                              f"{last!r} has data_offsets {tensors[last]['data_offsets']} after a header of "
+                              f"{data_start} bytes); download it again")
+    return data_start, tensors
+
+
+def _check_entry(path: Path, key: str, info) -> None:
+    """One header entry: {"dtype": known name, "shape": [whole numbers ≥ 0], "data_offsets": [begin, end]}."""
+
+    def bad(problem: str):
+        raise CheckpointError(f"{path} is corrupt: the header entry of tensor {key!r} {problem}; download it again")
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict):
+        bad(f"is a JSON {type(info).__name__}, not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            bad(f"has no {field}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or not dtype:
+        bad(f"has dtype {json.dumps(dtype)}, not a safetensors dtype name such as \"F32\"")
+    if not isinstance(shape, list) or not all(whole(n) for n in shape):
+        bad(f"has shape {json.dumps(shape)}, not a list of whole numbers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(n) for n in offsets):
+        bad(f"has data_offsets {json.dumps(offsets)}, not [begin, end] with whole numbers")
+    begin, end = offsets
+    if begin > end:
+        bad(f"has data_offsets {offsets}: it begins after it ends")
+    if dtype not in _DTYPE_BYTES:  # a name this table does not know: stored_shapes reports it as not floating point
+        return
+    needed = math.prod(shape) * _DTYPE_BYTES[dtype]
+    if end - begin != needed:
+        bad(f"has data_offsets {offsets} ({end - begin} bytes), but its shape {shape} in {dtype} takes {needed} bytes")
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -213,6 +274,9 @@ _STORED_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+# bytes per value of every whole-byte safetensors dtype (the format's Dtype enum), also those Ovis-U1 never stores
+_DTYPE_BYTES = {**{name: dtype.itemsize for name, dtype in _STORED_DTYPES.items()},
+                "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}
 _CHUNK_BYTES = 32 << 20  # a tensor that needs converting is converted in pieces of this size
 _RELEASE = hasattr(mmap, "MADV_DONTNEED")  # can mapped file pages be dropped from this process again?
 
@@ -301,10 +365,11 @@ class _TensorReader:
     def __init__(self, path: Path):
         self.path = path
         self.file = open(path, "rb", buffering=0)
-        header_len = int.from_bytes(self.file.read(8), "little")
-        header = json.loads(self.file.read(header_len))
-        self.data_start = 8 + header_len
-        self.index = {k: v for k, v in header.items() if k != "__metadata__"}
+        try:
+            self.data_start, self.index = read_header(self.file, path)
+        except BaseException:
+            self.file.close()
+            raise
         self._private = self._source = self._buffer = None
         self._read_ahead = _ReadAhead(self.file)
 

@@ -6,7 +6,10 @@ embedding interpolation, timestep shift, pixel budgets and sequence limits all c
 
 from __future__ import annotations
 
+import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,23 +120,120 @@ class OvisU1Params:
         return int(self.llm_config["hidden_size"])
 
 
-def _pick(cls, raw: dict, **renames):
-    """Build dataclass ``cls`` from the keys of ``raw`` it knows (``renames``: field → key in raw)."""
+# ------------------------------------------------------------------------------------ typed config values
+# A config value of the wrong type fails late and far from its key otherwise (a string hidden_size: "not all
+# arguments converted during string formatting" while the model is built; a string rms_norm_eps: a TypeError at the
+# first forward). Every value read from config.json / preprocessor_config.json is therefore checked once, here,
+# against the type of the dataclass field it fills, and a wrong one names its file, key and the fix.
+_COUNTS = {"depth", "depth_single_blocks", "num_layers", "num_hidden_layers", "layers_per_block",
+           "fullatt_block_indexes"}  # whole numbers that may be 0 (every other whole number is a size: at least 1)
+_ANY_SIGN = {"base_shift", "max_shift", "shift_factor", "image_mean"}  # numbers that may be 0 or negative
+_PLURAL = {"a positive whole number": "positive whole numbers", "a whole number (0 or more)": "whole numbers "
+           "(0 or more)", "a number above 0": "numbers above 0", "a finite number": "numbers"}
+
+
+class _Bad(Exception):
+    """A value that does not fit its field."""
+
+
+def _kind(hint, name: str) -> str:
+    """What a value of the field type ``hint`` must be, in words."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return f"null or {_kind(hint, name)}"
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}{_PLURAL[_kind(args[0], name)]}"
+    if hint is int:
+        return "a whole number (0 or more)" if name in _COUNTS else "a positive whole number"
+    if hint is float:
+        return "a finite number" if name in _ANY_SIGN else "a number above 0"
+    return {bool: "true or false", str: "text", dict: "an object"}[hint]
+
+
+def _scalar(value, hint, name: str):
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Bad
+        if hint is int:
+            if value != int(value):  # 2048.0 is unambiguous, 2048.5 is not
+                raise _Bad
+            value = int(value)
+            if value < (0 if name in _COUNTS else 1):
+                raise _Bad
+        elif name not in _ANY_SIGN and value <= 0:
+            raise _Bad
+        return value
+    if not isinstance(value, hint):
+        raise _Bad
+    return value
+
+
+def _typed(value, hint, name: str):
+    """``value`` as the dataclass field type ``hint`` (int, float, bool, str, dict, tuple[...], X | None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise _Bad
+        return tuple(_scalar(v, args[0], name) for v in value)
+    if value is None:
+        raise _Bad
+    return _scalar(value, hint, name)
+
+
+def _fix(value, hint, name: str) -> str:
+    """How to repair a bad value: a number written as text only needs its quotes removed."""
+    if isinstance(value, str):
+        try:
+            return f"write it without quotes ({json.dumps(_typed(json.loads(value), hint, name))})"
+        except (ValueError, _Bad):
+            pass
+    return "correct it"
+
+
+def config_value(raw: dict, key: str, hint, where: str, file: str = "config.json", name: str | None = None):
+    """``raw[key]`` checked against the dataclass field type ``hint``; a wrong value is a CheckpointError naming
+    ``file``, the key's path ``where``, what the value must be and the fix. ``name``: the field (default ``key``)."""
+    name, value = name or key, raw[key]
+    try:
+        return _typed(value, hint, name)
+    except _Bad:
+        try:
+            shown = json.dumps(value)  # as it is written in the file
+        except (TypeError, ValueError):
+            shown = repr(value)
+        raise CheckpointError(f"{file} {where} is {shown}, not {_kind(hint, name)}; {_fix(value, hint, name)} or "
+                              f"download the checkpoint's {file} again") from None
+
+
+def _fields(cls, raw: dict, where: str, file: str = "config.json", only=None, **renames) -> dict:
+    """The type-checked values of ``raw`` for the fields of dataclass ``cls`` (``renames``: field → key in raw),
+    ``only`` those fields if given. An absent key keeps the field's default; null is a value like any other (only
+    ``X | None`` fields accept it)."""
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name in cls.__dataclass_fields__:
         key = renames.get(name, name)
-        if key in raw and raw[key] is not None:
-            value = raw[key]
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+        if key in raw and (only is None or name in only):
+            kwargs[name] = config_value(raw, key, hints[name], f"{where}.{key}" if where else key, file, name)
+    return kwargs
 
 
-def _fullatt_indexes(value) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):  # the official config allows "0|7|15"
-        return tuple(int(v) for v in value.split("|") if v.strip())
-    return tuple(int(v) for v in value)
+def _fullatt_indexes(raw: dict, where: str) -> tuple[int, ...] | None:
+    """The blocks that attend over the whole image: null, a list, or the official "0|7|15" string."""
+    value = raw.get("fullatt_block_indexes")
+    if isinstance(value, str):
+        parts = [v.strip() for v in value.split("|") if v.strip()]
+        if all(p.isdigit() for p in parts):
+            return tuple(int(p) for p in parts)
+    return config_value({"fullatt_block_indexes": value}, "fullatt_block_indexes", tuple[int, ...] | None, where)
 
 
 def _section(raw: dict, *path: str) -> dict:
@@ -165,38 +265,115 @@ def params_from_dicts(config: dict, preprocessor: dict | None = None) -> OvisU1P
 
 def _params(config: dict, preprocessor: dict | None) -> OvisU1Params:
     vt = _section(config, "visual_tokenizer_config")
-    bb = dict(_section(config, "visual_tokenizer_config", "backbone_config"))
-    bb["fullatt_block_indexes"] = _fullatt_indexes(bb.get("fullatt_block_indexes"))
-    vision = _pick(VisionParams, {**bb, **{k: vt[k] for k in ("vocab_size", "tokenize_function", "tau") if k in vt}},
-                   num_layers="num_hidden_layers", num_heads="num_attention_heads")
-    if vt.get("depths"):
-        vision = VisionParams(**{**vision.__dict__, "num_layers": int(str(vt["depths"]).split("|")[0])})
-    if vision.tokenize_function != "softmax":
-        raise CheckpointError(f"visual tokenize_function {vision.tokenize_function!r} is not supported (only 'softmax')")
+    bb = _section(config, "visual_tokenizer_config", "backbone_config")
+    where_bb = "visual_tokenizer_config.backbone_config"
+    vision_values = _fields(VisionParams, {k: v for k, v in bb.items() if k != "fullatt_block_indexes"}, where_bb,
+                            num_layers="num_hidden_layers", num_heads="num_attention_heads")
+    vision_values.update(_fields(VisionParams, vt, "visual_tokenizer_config", only=("vocab_size", "tokenize_function",
+                                                                                    "tau")))
+    vision_values["fullatt_block_indexes"] = _fullatt_indexes(bb, f"{where_bb}.fullatt_block_indexes")
+    if vt.get("depths"):  # the official config may give the depth as "24" or "12|12"
+        first = str(vt["depths"]).split("|")[0].strip()
+        if not first.isdigit():
+            raise CheckpointError(f"config.json visual_tokenizer_config.depths is {json.dumps(vt['depths'])}, not "
+                                  "null or a number of blocks; correct it or download the checkpoint's config.json "
+                                  "again")
+        vision_values["num_layers"] = int(first)
+    vision = VisionParams(**vision_values)
     vg = _section(config, "visual_generator_config")
-    mmdit = _pick(MMDiTParams, vg)
-    vae_raw = dict(_section(config, "visual_generator_config", "vae_config"))
-    vae = _pick(VAEParams, vae_raw)
-    pre = _pick(PreprocessParams, preprocessor or {})
+    mmdit = MMDiTParams(**_fields(MMDiTParams, vg, "visual_generator_config"))
+    vae = VAEParams(**_fields(VAEParams, _section(config, "visual_generator_config", "vae_config"),
+                              "visual_generator_config.vae_config"))
+    pre = PreprocessParams(**_fields(PreprocessParams, preprocessor or {}, "", "preprocessor_config.json"))
+    check_architecture(vision, mmdit, vae)
     check_preprocess(pre, vision)
-    llm_config = dict(_section(config, "llm_config"))
-    for key in ("hidden_size", "vocab_size"):
-        if not isinstance(llm_config.get(key), int) or llm_config[key] <= 0:
-            raise CheckpointError(f"config.json llm_config.{key} is {llm_config.get(key)!r}, not a positive whole "
-                                  "number; download the checkpoint's config.json again")
-    hidden = int(config.get("hidden_size", llm_config["hidden_size"]))
-    if hidden != int(llm_config["hidden_size"]):
+    llm_config = _llm_config(_section(config, "llm_config"))
+    top = _fields(OvisU1Params, config, "", only=("hidden_size", "multimodal_max_length"))
+    hidden = top.get("hidden_size", llm_config["hidden_size"])
+    if hidden != llm_config["hidden_size"]:
         raise CheckpointError(f"config.json hidden_size {hidden} differs from llm_config.hidden_size "
-                              f"{llm_config['hidden_size']}")
+                              f"{llm_config['hidden_size']}; download the checkpoint's config.json again")
     return OvisU1Params(
         llm_config=llm_config,
         hidden_size=hidden,
-        multimodal_max_length=int(config.get("multimodal_max_length", 2048)),
+        multimodal_max_length=top.get("multimodal_max_length", 2048),
         vision=vision,
         mmdit=mmdit,
         vae=vae,
         preprocess=pre,
     )
+
+
+# llm_config fields that may be null: transformers then uses num_attention_heads, and transformers 5 keeps the
+# RoPE base in rope_parameters instead.
+_LLM_NULLABLE = ("num_key_value_heads", "rope_theta")
+_LLM_OTHER = {"hidden_act": str, "use_sliding_window": bool, "rope_scaling": dict | None,
+              "rope_parameters": dict | None}
+
+
+def _llm_config(raw: dict) -> dict:
+    """``llm_config`` with the Qwen3 fields type-checked (whole numbers as ints), checked whole by ``qwen3_params``
+    so that an unsupported LLM is an error here, not when the model is built."""
+    from .llm import Qwen3Params, qwen3_params
+
+    for key in ("hidden_size", "vocab_size"):
+        if key not in raw:
+            raise CheckpointError(f"config.json llm_config.{key} is missing; download the checkpoint's config.json "
+                                  "again")
+    rope = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})} if all(
+        isinstance(raw.get(k), (dict, type(None))) for k in ("rope_scaling", "rope_parameters")) else {}
+    if "rope_theta" in raw and raw["rope_theta"] is None and "rope_theta" not in rope:
+        raise CheckpointError("config.json llm_config.rope_theta is null and no rope_parameters give it; correct it "
+                              "(Ovis-U1-3B: 1000000.0) or download the checkpoint's config.json again")
+    present = {k: v for k, v in raw.items() if not (k in _LLM_NULLABLE and v is None)}
+    llm_config = {**raw, **_fields(Qwen3Params, present, "llm_config")}
+    for key, hint in _LLM_OTHER.items():
+        if key in raw:
+            config_value(raw, key, hint, f"llm_config.{key}")
+    try:
+        qwen3_params(llm_config)
+    except ValueError as e:  # its messages name the llm_config field
+        raise CheckpointError(f"config.json {e}; download the checkpoint's config.json again") from e
+    return llm_config
+
+
+def check_architecture(vision: VisionParams, mmdit: MMDiTParams, vae: VAEParams) -> None:
+    """Values of the right type that still cannot describe a model (they would fail while it is built, or at the
+    first forward, with an error that does not name config.json)."""
+
+    def bad(where: str, why: str):
+        raise CheckpointError(f"config.json {where} {why}; download the checkpoint's config.json again")
+
+    bb = "visual_tokenizer_config.backbone_config"
+    if vision.tokenize_function != "softmax":
+        bad("visual_tokenizer_config.tokenize_function", f"is {vision.tokenize_function!r}, which is not supported "
+            "(only 'softmax')")
+    if vision.interpolate_pe_method not in ("one_dim", "two_dim"):
+        bad(f"{bb}.interpolate_pe_method", f"is {vision.interpolate_pe_method!r}, not 'one_dim' or 'two_dim'")
+    if vision.hidden_size % vision.num_heads:
+        bad(f"{bb}.hidden_size", f"{vision.hidden_size} is not a multiple of num_attention_heads {vision.num_heads}")
+    if vision.window_size < vision.patch_size * vision.hidden_stride:
+        bad(f"{bb}.window_size", f"{vision.window_size} is smaller than one merged patch (patch_size "
+            f"{vision.patch_size} × hidden_stride {vision.hidden_stride})")
+    if any(i >= vision.num_layers for i in vision.fullatt_block_indexes or ()):
+        bad(f"{bb}.fullatt_block_indexes", f"{list(vision.fullatt_block_indexes)} names a block beyond the "
+            f"{vision.num_layers} blocks of the encoder (counted from 0)")
+    if vision.vocab_size <= 4:  # the last 4 rows of the visual vocabulary are the image indicators
+        bad("visual_tokenizer_config.vocab_size", f"{vision.vocab_size} leaves no visual words beside the 4 "
+            "indicator tokens")
+    vg = "visual_generator_config"
+    if mmdit.hidden_size % mmdit.num_heads:
+        bad(f"{vg}.hidden_size", f"{mmdit.hidden_size} is not a multiple of num_heads {mmdit.num_heads}")
+    elif sum(mmdit.axes_dim) != mmdit.head_dim or any(d % 2 for d in mmdit.axes_dim):
+        bad(f"{vg}.axes_dim", f"{list(mmdit.axes_dim)} must be even numbers that sum to the head size "
+            f"{mmdit.head_dim} (hidden_size {mmdit.hidden_size} / num_heads {mmdit.num_heads})")
+    if mmdit.guidance_embed:
+        bad(f"{vg}.guidance_embed", "is true: guidance-distilled MMDiTs are not supported (Ovis-U1 has none)")
+    if not vae.block_out_channels:
+        bad(f"{vg}.vae_config.block_out_channels", "is empty")
+    if any(c % vae.norm_num_groups for c in vae.block_out_channels):
+        bad(f"{vg}.vae_config.norm_num_groups", f"{vae.norm_num_groups} does not divide every block_out_channels "
+            f"entry {list(vae.block_out_channels)}")
 
 
 def check_preprocess(pre: PreprocessParams, vision: VisionParams) -> None:

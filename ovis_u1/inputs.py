@@ -130,7 +130,25 @@ def check_prompt(prompt, name: str = "prompt") -> str:
         raise OvisU1InputError(f"{name} must be text, got {type(prompt).__name__}: pass a string")
     if not prompt or not prompt.strip():
         raise OvisU1InputError(f"{name} is empty: write what the image should show (or how to change it)")
-    return prompt
+    return check_characters(prompt, name)
+
+
+def check_characters(text: str, name: str) -> str:
+    """Text the tokenizer can encode: every character must exist in UTF-8. A lone UTF-16 surrogate (U+D800–U+DFFF,
+    half of a pair; Python also makes them of bytes that are not UTF-8, e.g. in command-line arguments) is not a
+    character, and the tokenizer fails on it with a TypeError that names nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"character {e.start + 1}" + (f" of {len(text)}" if len(text) > 1 else "")
+        context = text[max(0, e.start - 20) : e.start]  # e.start is the first such code point: this part is clean
+        after = f" (after {context!r})" if context else ""
+        raise OvisU1InputError(
+            f"{name} contains U+{ord(text[e.start]):04X} at {where}{after}, half of a UTF-16 surrogate pair and "
+            "not a character of its own (it comes from a broken copy and paste or from bytes that are not UTF-8); "
+            f"remove it from the {name} or type the text again"
+        ) from None
+    return text
 
 
 def check_finite(tensor: torch.Tensor, name: str, fix: str = "") -> torch.Tensor:
@@ -145,10 +163,20 @@ def check_finite(tensor: torch.Tensor, name: str, fix: str = "") -> torch.Tensor
     return tensor
 
 
+def check_not_empty(batch: torch.Tensor, name: str, items: str, fix: str) -> torch.Tensor:
+    """A batch (first dimension) with at least one of its ``items``: an empty one would reach torch.cat([]) or a
+    convolution of nothing and fail there with an error that names neither the input nor the fix."""
+    if batch.ndim >= 1 and batch.shape[0] == 0:
+        raise OvisU1InputError(f"{name} is an empty batch (0 {items}, shape {list(batch.shape)}); {fix}")
+    return batch
+
+
 def check_latent(latent, name: str, channels: int) -> torch.Tensor:
     """A VAE latent [B, channels, h, w] with finite values."""
     if not isinstance(latent, torch.Tensor):
         raise OvisU1InputError(f"{name}: expected a latent tensor, got {type(latent).__name__}")
+    check_not_empty(latent, name, "latents", f"there is nothing to decode: pass at least one latent [B, {channels}, "
+                                             "h, w]")
     if latent.ndim != 4 or latent.shape[1] != channels or latent.shape[0] == 0 or min(latent.shape[2:]) < 1:
         raise OvisU1InputError(
             f"{name}: expected a latent [B, {channels}, h, w] of the Ovis-U1 VAE, got shape {list(latent.shape)}; "
@@ -163,6 +191,7 @@ def check_pixels(pixels, name: str, max_pixels: int) -> torch.Tensor:
     """VAE encoder input [B, 3, H, W] in −1..1: finite, at least 8×8, at most ``max_pixels`` per image."""
     if not isinstance(pixels, torch.Tensor):
         raise OvisU1InputError(f"{name}: expected a pixel tensor, got {type(pixels).__name__}")
+    check_not_empty(pixels, name, "images", "there is nothing to encode: pass at least one image [B, 3, H, W]")
     if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
         raise OvisU1InputError(f"{name}: expected pixels [B, 3, H, W], got shape {list(pixels.shape)}")
     height, width = pixels.shape[2:]

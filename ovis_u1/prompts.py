@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .inputs import OvisU1InputError
+from .inputs import OvisU1InputError, check_characters
 
 IMAGE_TOKEN = "<image>"
 IMAGE_ATOM_ID = -300
@@ -85,8 +85,8 @@ def load_tokenizer(directory: str | Path, llm_vocab_size: int | None = None):
     try:
         tokenizer = Qwen2TokenizerFast.from_pretrained(str(directory))
     except PermissionError as e:
-        raise CheckpointError(f"cannot read the tokenizer files in {str(directory)!r} ({e}); fix the file "
-                              "permissions") from e
+        name = e.filename or f"the tokenizer files in {str(directory)!r}"
+        raise CheckpointError(f"cannot read {name}: permission denied; make the file readable (e.g. chmod a+r)") from e
     except Exception as e:  # transformers/tokenizers raise ValueError, JSON, and Rust exception types
         fail(f"it cannot be loaded ({type(e).__name__}: {e})", e)
     if llm_vocab_size is None:
@@ -96,12 +96,12 @@ def load_tokenizer(directory: str | Path, llm_vocab_size: int | None = None):
 
 
 def _llm_vocab_size(directory: Path) -> int | None:
-    import json
+    """config.json's llm_config.vocab_size; a config.json that cannot be read is a CheckpointError naming it (also
+    when the tokenizer is loaded on its own), a missing or wrong value is left to load_params to report."""
+    from .checkpoint import read_json
 
-    try:
-        return int(json.loads((directory / "config.json").read_text())["llm_config"]["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # config.json problems are reported by load_params
+    vocab_size = (read_json(directory / "config.json").get("llm_config") or {}).get("vocab_size")
+    return vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
 
 
 def check_tokenizer(tokenizer, llm_vocab_size: int | None, fail) -> None:
@@ -194,6 +194,7 @@ def markup_in(tokenizer, text: str) -> list[str]:
 
 
 def check_markup(tokenizer, text: str, name: str) -> None:
+    check_characters(text, name)  # for callers of the prompt functions that bypass check_prompt
     found = markup_in(tokenizer, text)
     if found:
         raise OvisU1InputError(

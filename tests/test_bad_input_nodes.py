@@ -128,3 +128,117 @@ def test_extreme_edit_images(model, node, size):
 def test_huge_vae_encode_is_refused(model):
     huge = torch.full((1, 1, 1, 3), 0.5).expand(1, 4200, 4100, 3)  # broadcast: no 200 MB allocation
     raises(lambda: run("OvisU1VAEEncode", model=model, image=huge), "image", "4100×4200", "scale it down")
+
+
+# ----------------------------------------------------------------------- issue 17: empty batches, lone surrogates
+EMPTY = [
+    ("VAE Encode", "OvisU1VAEEncode", dict(image=torch.zeros(0, 64, 64, 3)), ["image", "0 images", "connect an IMAGE"]),
+    ("VAE Decode", "OvisU1VAEDecode", dict(samples={"samples": torch.zeros(0, 4, 8, 8)}),
+     ["samples", "0 latents", "connect a LATENT"]),
+    ("Understand", "OvisU1Understand", dict(image=torch.zeros(0, 64, 64, 3), question="What?", max_new_tokens=1),
+     ["image", "empty batch"]),
+    ("Edit Context", "OvisU1EditContextEncoder", dict(image=torch.zeros(0, 64, 64, 3)), ["image", "empty batch"]),
+    ("Encode Condition edit", "OvisU1EncodeCondition",
+     dict(image=torch.zeros(0, 64, 64, 3), prompt="add a hat", mode="edit"), ["image", "empty batch"]),
+]
+
+
+@pytest.mark.parametrize("case, node, given, names", EMPTY, ids=[c for c, *_ in EMPTY])
+def test_empty_batches_are_errors(model, monkeypatch, case, node, given, names):
+    """Before: VAE Decode reached torch.cat([]) (a raw RuntimeError) after loading the VAE for nothing."""
+    monkeypatch.setattr(type(model), "use", lambda *a, **k: pytest.fail("a part was loaded for an empty batch"))
+    raises(lambda: run(node, model=model, **given), *names, "empty batch")
+
+
+@pytest.mark.parametrize("node, given, name", [
+    ("OvisU1EncodeCondition", dict(prompt="a cat \ud800", mode="text-to-image", width=64, height=64), "prompt"),
+    ("OvisU1EncodeCondition", dict(prompt="\udfffadd a hat", mode="edit", image=torch.full((1, 64, 64, 3), 0.5)),
+     "prompt"),
+    ("OvisU1Understand", dict(question="what is \udc80 this?", max_new_tokens=1), "question"),
+], ids=["t2i", "edit", "understand"])
+def test_a_lone_surrogate_in_node_text_is_named(model, node, given, name):
+    raises(lambda: run(node, model=model, **given), name, "surrogate", "remove it")
+
+
+# ------------------------------------------------------------- issue 17: bad checkpoints through the loader node
+def _bad_root(tmp_path, monkeypatch, damage) -> str:
+    """A model root with one checkpoint folder, ``damage``d, as the loader sees it."""
+    root = tmp_path / "ovis_u1"
+    target = root / "broken"
+    target.mkdir(parents=True)
+    for f in CHECKPOINT.iterdir():
+        if f.name == "model.safetensors":
+            (target / f.name).symlink_to(f)
+        else:
+            (target / f.name).write_bytes(f.read_bytes())
+    damage(target)
+    monkeypatch.setenv(MODELS_DIR_ENV, str(root))
+    return "broken"
+
+
+def _integer_tensor(target):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(CHECKPOINT / "model.safetensors"))
+    weights["vte.weight"] = weights["vte.weight"].to(torch.int32)
+    (target / "model.safetensors").unlink()
+    save_file(weights, str(target / "model.safetensors"))
+
+
+def _short_offsets(target):
+    from tests.test_bad_input_more import _offsets, rewrite_header
+
+    rewrite_header(target, _offsets(lambda b, e, h, k: [b, e - 4]))
+
+
+def _string_hidden_size(target):
+    import json
+
+    config = json.loads((target / "config.json").read_text())
+    config["visual_generator_config"]["hidden_size"] = "64"
+    (target / "config.json").write_text(json.dumps(config))
+
+
+LOADER = [
+    ("integer tensor", _integer_tensor, ["vte.weight", "I32", "not floating point"]),
+    ("offsets that do not fit", _short_offsets, ["model.safetensors", "data_offsets", "download it again"]),
+    ("config value of the wrong type", _string_hidden_size,
+     ["config.json", "visual_generator_config.hidden_size", "without quotes"]),
+]
+
+
+@pytest.mark.parametrize("case, damage, names", LOADER, ids=[c for c, *_ in LOADER])
+def test_bad_checkpoints_are_named_by_the_loader(model, tmp_path, monkeypatch, case, damage, names):
+    from ovis_u1 import CheckpointError
+
+    name = _bad_root(tmp_path, monkeypatch, damage)
+    with pytest.raises(CheckpointError) as info:
+        run("OvisU1ModelLoader", model=name)
+    for needle in [f"model {name!r}", *names]:
+        assert needle in str(info.value), f"{needle!r} not in {str(info.value)!r}"
+
+
+def test_an_unreadable_config_is_skipped_in_the_list_and_explained_on_load(model, tmp_path, monkeypatch):
+    """As root chmod cannot deny reading: the PermissionError is injected where config.json is read."""
+    import pathlib
+
+    from nodes import comfy_bridge
+    from nodes.loader import OvisU1ModelLoader
+    from ovis_u1 import CheckpointError
+
+    name = _bad_root(tmp_path, monkeypatch, lambda target: None)
+    assert comfy_bridge.list_models() == [name]
+    real = pathlib.Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    assert comfy_bridge.list_models() == []  # quietly not listed...
+    assert OvisU1ModelLoader.VALIDATE_INPUTS(name) is True  # ...but a saved workflow that names it is let through
+    with pytest.raises(CheckpointError) as info:  # ...to be told what is wrong
+        run("OvisU1ModelLoader", model=name)
+    for needle in (f"model {name!r}", "config.json", "permission denied", "chmod a+r"):
+        assert needle in str(info.value), f"{needle!r} not in {str(info.value)!r}"
