@@ -494,3 +494,15 @@ def test_text_that_is_valid_unicode_still_works(model):
 def test_empty_batches_are_named(model, call, names):
     """Before: an unhelpful shape message, or a torch error deeper down."""
     error(OvisU1InputError, lambda: call(model), *names)
+
+
+def test_flash_attn_without_the_package_is_an_input_error(monkeypatch):
+    """attention 'flash_attn' where flash-attn cannot run: the pack's error naming the package and the choices, before
+    any weight is read (it was a ValueError)."""
+    from ovis_u1 import attention
+
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
+    with pytest.raises(OvisU1InputError, match="flash-attn.*'auto' / 'sdpa'"):
+        ovis_u1.load_model(CHECKPOINT, device="cpu", attention="flash_attn")
+    with pytest.raises(OvisU1InputError, match="attention 'xformers' is unknown: use one of auto, sdpa"):
+        ovis_u1.load_model(CHECKPOINT, device="cpu", attention="xformers")
