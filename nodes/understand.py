@@ -27,7 +27,8 @@ def understand_memory(model, images, question: str, max_new_tokens: int) -> int:
         h, w = smart_resize(img.height, img.width, factor=factor, min_pixels=pre.min_pixels, max_pixels=pre.max_pixels)
         patches.append(h * w // pre.patch_size**2)
     visual = sum(n // pre.hidden_stride**2 for n in patches)
-    prompt = min(p.multimodal_max_length, visual + len(str(question).encode("utf-8")) + PROMPT_TEMPLATE_TOKENS)
+    text_bytes = len(str(question).encode("utf-8", "replace"))  # bad text is refused later, by the library
+    prompt = min(p.multimodal_max_length, visual + text_bytes + PROMPT_TEMPLATE_TOKENS)
     llm = qwen3_params(p.llm_config)
     dtype = getattr(model, "dtype", None) or torch.float32  # the compute dtype (weights may be stored in fp8)
     return estimates.understand_memory(
