@@ -26,7 +26,15 @@ LLM/vision/MMDiT matrices in fp8, compute in --dtype, the VAE in fp32 always).
 
 ``--quality`` instead measures what fp8 storage costs: max |Δ| of the final latent and of the uint8 image of t2i and
 edit, fp8 weights against --dtype weights, compute in --dtype; as a yardstick, the row "bf16 vs fp32" gives what
---dtype itself costs against an fp32 model.
+--dtype itself costs against an fp32 model. ``--storage`` takes ``fp8_e4m3fn`` / ``fp8_e5m2`` (weight-only: the
+pack's manual cast), ``fp8_e4m3fn+fast`` (ComfyUI's fp8 matmul of ``--fast``, emulated on the CPU: see "ComfyUI's fp8
+matmul" below) and, with ``+all``, every matrix in fp8 (the layers of ``ovis_u1.model.FP8_KEPT_OUT`` too, as before
+they were kept out). ``--reference-cache FILE`` keeps the default run's outputs for later runs with the same settings.
+
+``--sensitivity`` says which layers' inputs do not survive the fp8 matmul: per layer type, over a bf16 t2i and edit
+job, the largest |input|, the share of inputs clamped at ±448 and the relative error of x·Wᵀ with the input rounded
+to e4m3 against with the weight rounded; then per group of layers (``LAYER_GROUPS``) the t2i deviation with only that
+group's inputs rounded (weights bf16) against only its weights in e4m3fn. ``FP8_KEPT_OUT`` cites its result.
 
 Hook for partial loading: ``LOADERS`` maps a ``--load`` name to ``loader(checkpoint, device, dtype, storage) ->
 model``. ``full`` is ``ovis_u1.load_model``; ``random`` takes a config.json in place of CHECKPOINT and makes random
@@ -35,7 +43,9 @@ budget) belongs to ``nodes/comfy_bridge.py`` and registers itself with ``registe
 script that imports ComfyUI, then calls ``main()``.
 
     python bench/bench_memory.py CHECKPOINT [--size 256] [--steps 4] [--storage default,fp8_e4m3fn] [--json P]
-    python bench/bench_memory.py CHECKPOINT --quality [--size 256] [--steps 4]
+    python bench/bench_memory.py CHECKPOINT --quality [--size 256] [--steps 4] \
+        [--storage fp8_e4m3fn,fp8_e4m3fn+fast,fp8_e4m3fn+fast+all] [--no-yardstick] [--reference-cache FILE]
+    python bench/bench_memory.py CHECKPOINT --sensitivity [--size 256] [--steps 4]
     python bench/bench_memory.py ../shared/golden/full_size/config.json --load random --device cuda --size 1024 \
         --steps 50 --rows t2i,edit,understand --storage default,fp8_e4m3fn
 """
@@ -43,6 +53,7 @@ script that imports ComfyUI, then calls ``main()``.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -350,51 +361,340 @@ def run_row(args) -> dict:
 # fp8 quality (--quality)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def quality(args) -> list[dict]:
-    import numpy as np
+FAST, ALL = "+fast", "+all"  # storage suffixes: the emulated --fast matmul; every matrix in fp8 (none kept out)
+
+
+def storage_label(storage: str) -> str:
+    return storage.replace(FAST, " --fast").replace(ALL, " (all fp8)")
+
+
+def load_for_quality(checkpoint, storage: str, device, dtype):
+    """The model a --quality row measures: ``default`` (weights in ``dtype``), ``fp32 model``, ``fp8_e4m3fn`` /
+    ``fp8_e5m2`` (weight-only fp8: the pack's manual cast), with ``+fast`` the emulated ``--fast`` matmul (e4m3fn
+    only), with ``+all`` every matrix in fp8, ``ovis_u1.model.FP8_KEPT_OUT`` included (as before those were kept out);
+    e.g. ``fp8_e4m3fn+fast+all``."""
     import torch
 
     import ovis_u1
 
+    if storage in ("default", "fp32 model"):
+        return ovis_u1.load_model(checkpoint, device=device, dtype=torch.float32 if storage == "fp32 model" else dtype)
+    weight_dtype, *suffixes = storage.split("+")
+    fast, all_fp8 = "fast" in suffixes, "all" in suffixes
+    if set(suffixes) - {"fast", "all"} or (fast and weight_dtype != "fp8_e4m3fn"):
+        raise SystemExit(f"--storage {storage}: use fp8_e4m3fn or fp8_e5m2, optionally +all, and +fast only with "
+                         "fp8_e4m3fn (ComfyUI's fp8 matmul takes only e4m3fn weights; e5m2 layers take the plain cast)")
+    operations = fast_fp8_operations() if fast else None
+    with fp8_keep_out(not all_fp8):
+        return ovis_u1.load_model(checkpoint, device=device, dtype=dtype, weight_dtype=weight_dtype,
+                                  operations=operations)
+
+
+def run_t2i(model, size: int, steps: int, prompt: str = "a cute cat"):
+    """(final latent, uint8 image) of a seeded t2i job, the --quality measurement."""
+    import numpy as np
+
+    refined = model.refine(model.encode_condition(prompt, "t2i", width=size, height=size))
+    latent = model.sample(refined, size, size, steps=steps, seed=42)
+    return latent, np.asarray(model.decode_to_pil(latent)[0])
+
+
+def run_edit(model, size: int, steps: int):
+    import numpy as np
+
+    source = edit_source(size)
+    refined = model.refine(model.encode_condition("add a hat", "edit", image=source))
+    context = model.encode_context(source, seed=42)
+    latent = model.sample(refined, context=context, steps=steps, seed=42)
+    return latent, np.asarray(model.decode_to_pil(latent)[0])
+
+
+def deviation(out, ref) -> dict:
+    """|Δ| of a (latent, uint8 image) pair against a reference pair."""
+    import numpy as np
+
+    (latent, image), (ref_latent, ref_image) = out, ref
+    dl = (latent - ref_latent).abs()
+    di = np.abs(image.astype(np.int32) - ref_image.astype(np.int32))
+    return {"latent_max": dl.max().item(), "latent_mean": dl.mean().item(),
+            "latent_ref_absmax": ref_latent.abs().max().item(), "image_max": int(di.max()),
+            "image_mean": float(di.mean())}
+
+
+def quality(args) -> list[dict]:
+    import torch
+
     dtype = getattr(torch, DTYPES[args.dtype])
-    results: dict[str, dict] = {}
     storages = ["default"] + [s for s in args.storage.split(",") if s != "default"]
-    if args.dtype != "fp32":  # the yardstick: what --dtype itself costs against fp32 weights and compute
+    if args.dtype != "fp32" and not args.no_yardstick:  # what --dtype itself costs against fp32 weights and compute
         storages.append("fp32 model")
+    jobs = {"t2i": run_t2i, "edit": run_edit}
+    results: dict[str, dict] = {}
+    cache = None
+    if args.reference_cache:  # the default run is the same for every storage: measure it once per setting
+        key = f"{Path(args.checkpoint).resolve()}|{args.size}|{args.steps}|{args.dtype}|{args.device}"
+        cache = Path(args.reference_cache)
+        if cache.is_file() and torch.load(cache, weights_only=False)["key"] == key:
+            results["default"] = torch.load(cache, weights_only=False)["outputs"]
+            storages.remove("default")
     for storage in storages:
-        model = ovis_u1.load_model(args.checkpoint, device=args.device,
-                                   dtype=torch.float32 if storage == "fp32 model" else dtype,
-                                   weight_dtype=None if storage in ("default", "fp32 model") else storage)
-        out = {}
-        size = args.size
-        refined = model.refine(model.encode_condition("a cute cat", "t2i", width=size, height=size))
-        latent = model.sample(refined, size, size, steps=args.steps, seed=42)
-        out["t2i"] = (latent, np.asarray(model.decode_to_pil(latent)[0]))
-        source = edit_source(size)
-        refined = model.refine(model.encode_condition("add a hat", "edit", image=source))
-        context = model.encode_context(source, seed=42)
-        latent = model.sample(refined, context=context, steps=args.steps, seed=42)
-        out["edit"] = (latent, np.asarray(model.decode_to_pil(latent)[0]))
-        results[storage] = out
+        model = load_for_quality(args.checkpoint, storage, args.device, dtype)
+        results[storage] = {job: run(model, args.size, args.steps) for job, run in jobs.items()}
+        print(f"  {storage_label(storage)}: done", file=sys.stderr, flush=True)
         del model
         gc.collect()
+        if storage == "default" and cache is not None:
+            torch.save({"key": key, "outputs": results["default"]}, cache)
     rows = []
     for storage, out in results.items():
         if storage == "default":
             continue
-        for job, (latent, image) in out.items():
-            ref_latent, ref_image = results["default"][job]
+        for job in jobs:
             if storage == "fp32 model":  # rows read "<storage> against the default": here the default against fp32
-                storage, latent, image, ref_latent, ref_image = (f"{args.dtype} vs fp32", ref_latent, ref_image,
-                                                                 latent, image)
-            dl = (latent - ref_latent).abs()
-            di = np.abs(image.astype(np.int32) - ref_image.astype(np.int32))
-            rows.append({
-                "job": job, "storage": storage, "latent_max": dl.max().item(), "latent_mean": dl.mean().item(),
-                "latent_ref_absmax": ref_latent.abs().max().item(), "image_max": int(di.max()),
-                "image_mean": float(di.mean()),
-            })
+                label, dev = f"{args.dtype} vs fp32", deviation(results["default"][job], out[job])
+            else:
+                label, dev = storage_label(storage), deviation(out[job], results["default"][job])
+            rows.append({"job": job, "storage": label, **dev})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ComfyUI's fp8 matmul (``--fast``), emulated on the CPU
+# ---------------------------------------------------------------------------------------------------------------------
+# With ``--fast`` (or ``fp8_optimizations``) on a GPU that computes in fp8, ``comfy.ops.pick_operations`` returns
+# ``comfy.ops.fp8_ops``: its Linear, when the weight is stored in float8_e4m3fn and the input is 2-D or 3-D, runs
+# ``comfy.ops.fp8_linear`` (ComfyUI 0.33.0, comfy/ops.py): it clamps the input to ±448 *in place*, casts it to
+# float8_e4m3fn with scale 1 and multiplies it with the e4m3fn weight (scale 1) in ``torch._scaled_mm`` (comfy_kitchen's
+# ``scaled_mm_v2``, ``use_fast_accum=False``: fp32 accumulation, the bias added, the result in the input's dtype; a
+# shape ``_scaled_mm`` refuses falls back to ``F.linear`` on the dequantised operands, same values). Any other weight
+# dtype (e5m2, or a layer kept out of fp8 storage) takes the plain manual cast.
+#
+# The emulation below does the same on the CPU: clamp in place, round the input through float8_e4m3fn, then multiply
+# with both operands cast back to the compute dtype. Both casts to bf16 are exact (an e4m3 value has 4 significant bits,
+# bf16 has 8, and its exponent range covers e4m3's), every product of two e4m3 values is exact in the fp32 accumulator,
+# and the CPU bf16 matmul accumulates in fp32 and rounds once — so this equals ``torch._scaled_mm`` up to the order of
+# the fp32 summation (tests/test_fp8_compute.py checks it against the CPU's own ``torch._scaled_mm``, bit for bit).
+
+FP8_INPUT_LIMIT = 448.0  # torch.finfo(torch.float8_e4m3fn).max: what comfy.ops.fp8_linear clamps the input to
+
+
+def fp8_input(x):
+    """``x`` as comfy.ops.fp8_linear feeds it to the matmul: clamped to ±448 in place, rounded through e4m3fn."""
+    import torch
+
+    torch.clamp(x, min=-FP8_INPUT_LIMIT, max=FP8_INPUT_LIMIT, out=x)
+    return x.to(torch.float8_e4m3fn).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_fp8_operations():
+    """The namespace (built once, on first use: the bench imports torch lazily)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ovis_u1.operations import cast_like, manual_cast
+
+    class comfy_fast_fp8(manual_cast):  # noqa: N801 — a namespace, like comfy.ops.fp8_ops
+        """The pack's manual cast whose Linear multiplies as ``comfy.ops.fp8_ops`` does (see above)."""
+
+        class Linear(manual_cast.Linear):
+            # None: as ComfyUI, the input goes through fp8 exactly when the weight is stored in e4m3fn. True/False
+            # force it either way (the sensitivity analysis quantises one group's inputs with bf16 weights).
+            input_fp8: bool | None = None
+
+            def forward(self, x):
+                fast = self.weight.dtype == torch.float8_e4m3fn if self.input_fp8 is None else self.input_fp8
+                if not fast or x.ndim not in (2, 3):  # fp8_linear returns None for other ranks
+                    return super().forward(x)
+                flat = fp8_input(x.reshape(-1, x.shape[-1]))  # a view when it can be: the caller's x is clamped too
+                out = F.linear(flat, cast_like(self.weight, flat), cast_like(self.bias, flat))
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return comfy_fast_fp8
+
+
+def fp8_keep_out(keep_out: bool = True):
+    """A context: ``keep_out=False`` loads with ``ovis_u1.model.FP8_KEPT_OUT`` emptied (every matrix in fp8)."""
+    import contextlib
+    from unittest import mock
+
+    from ovis_u1 import model as model_module
+
+    return contextlib.nullcontext() if keep_out else mock.patch.object(model_module, "FP8_KEPT_OUT", ())
+
+
+def load_fast_fp8(checkpoint, device="cpu", dtype=None, keep_out: bool = True):
+    """``load_model`` with e4m3fn storage and the emulated ``--fast`` layers (bf16 compute unless ``dtype``)."""
+    import torch
+
+    storage = "fp8_e4m3fn" + FAST + ("" if keep_out else ALL)
+    return load_for_quality(checkpoint, storage, device, dtype or torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which layers' inputs do not survive the fp8 matmul (--sensitivity)
+# ---------------------------------------------------------------------------------------------------------------------
+# Groups of the Linear layers fp8 storage reaches (state-dict module names; first match wins).
+LAYER_GROUPS = (
+    ("llm", r"^llm\."),
+    ("vision", r"^visual_tokenizer\."),
+    ("refiner input_embedder", r"\.txt_in\.input_embedder$"),
+    ("refiner c_embedder", r"\.txt_in\.c_embedder\."),
+    ("refiner blocks", r"\.txt_in\.individual_token_refiner\."),
+    ("mmdit img_in", r"\.backbone\.img_in$"),
+    ("mmdit time_in/vector_in", r"\.backbone\.(time_in|vector_in)\."),
+    ("mmdit modulation", r"(_mod\.lin|\.modulation\.lin|final_layer\.adaLN_modulation\.\d+)$"),
+    ("mmdit double blocks", r"\.double_blocks\.\d+\."),
+    ("mmdit single blocks", r"\.single_blocks\.\d+\.linear[12]$"),
+    ("mmdit final linear", r"\.final_layer\.linear$"),
+)
+
+
+def layer_group(name: str) -> str:
+    import re
+
+    return next((group for group, pattern in LAYER_GROUPS if re.search(pattern, name)), "other")
+
+
+def layer_type(name: str) -> str:
+    """A module name with its block indices replaced by N (one row per kind of layer)."""
+    import re
+
+    return re.sub(r"\.\d+(?=\.|$)", ".N", name)
+
+
+def fp8_linears(model) -> dict:
+    """name → Linear for every Linear whose matrix fp8 storage would take, kept-out ones included."""
+    from torch import nn
+
+    from ovis_u1.model import fp8_keys
+
+    with fp8_keep_out(False):
+        keys = fp8_keys(model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and f"{name}.weight" in keys}
+
+
+class InputProbe:
+    """Per Linear, over every call of a reference (bf16) run: the largest |input|, the share of input values the fp8
+    matmul clamps (|x| > 448) and the share in e4m3's subnormal range (0 < |x| < 2^-6), and the relative error of the
+    product x·Wᵀ (bias left out) with the input rounded as the fp8 matmul rounds it against with the weight rounded to
+    e4m3fn (weight-only fp8): ‖Δ‖ / ‖x·Wᵀ‖ over all calls. ``weights``: name → the e4m3fn matrix fp8 storage gives."""
+
+    def __init__(self, layers: dict, weights: dict):
+        import torch
+
+        self.stats = {name: {"max": 0.0, "n": 0, "clamped": 0, "subnormal": 0, "ref": 0.0, "input": 0.0,
+                             "weight": 0.0} for name in layers}
+        self.handles = []
+        tiny = torch.finfo(torch.float8_e4m3fn).smallest_normal
+        for name, layer in layers.items():
+            def probe(layer, args, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                w = layer.weight.detach().to(x.dtype)
+                ref = x @ w.T
+                qx = fp8_input(x.clone().to(args[0].dtype)).float()
+                st = self.stats[name]
+                st["max"] = max(st["max"], x.abs().max().item())
+                st["n"] += x.numel()
+                st["clamped"] += int((x.abs() > FP8_INPUT_LIMIT).sum())
+                st["subnormal"] += int(((x != 0) & (x.abs() < tiny)).sum())
+                st["ref"] += ref.square().sum().item()
+                st["input"] += (qx @ w.T - ref).square().sum().item()
+                st["weight"] += (x @ weights[name].float().T - ref).square().sum().item()
+
+            self.handles.append(layer.register_forward_pre_hook(probe))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def rows(self) -> list[dict]:
+        by_type: dict[str, dict] = {}
+        for name, st in self.stats.items():
+            t = by_type.setdefault(layer_type(name), {"type": layer_type(name), "group": layer_group(name),
+                                                      "max": 0.0, "n": 0, "clamped": 0, "subnormal": 0, "ref": 0.0,
+                                                      "input": 0.0, "weight": 0.0})
+            t["max"] = max(t["max"], st["max"])
+            for k in ("n", "clamped", "subnormal", "ref", "input", "weight"):
+                t[k] += st[k]
+        rows = []
+        for t in by_type.values():
+            if not t["n"]:
+                continue
+            ref = max(t["ref"], 1e-30)
+            rows.append({"type": t["type"], "group": t["group"], "input_absmax": t["max"],
+                         "clamped": t["clamped"] / t["n"], "subnormal": t["subnormal"] / t["n"],
+                         "input_err": (t["input"] / ref) ** 0.5, "weight_err": (t["weight"] / ref) ** 0.5})
+        return rows
+
+
+def sensitivity(args) -> dict:
+    """The layer types' input statistics (``InputProbe``, over a t2i and an edit job), then per group of layers
+    (``LAYER_GROUPS``) the t2i deviation against bf16 weights with only that group's inputs rounded as the fp8 matmul
+    rounds them (weights bf16) and with only that group's weights in e4m3fn (inputs untouched)."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    fp8 = dict(load_fast_fp8(args.checkpoint, args.device, dtype, keep_out=False).named_modules())
+    model = ovis_u1_with_fast_layers(args.checkpoint, args.device, dtype)
+    layers = fp8_linears(model)
+    weights = {name: fp8[name].weight for name in layers}  # the e4m3fn matrices weight-only fp8 stores
+    del fp8
+    gc.collect()
+
+    probe = InputProbe(layers, weights)
+    with torch.inference_mode():
+        run_t2i(model, args.size, args.steps)
+        run_edit(model, args.size, args.steps)
+    probe.remove()
+    result = {"types": probe.rows(), "groups": []}
+
+    reference = run_t2i(model, args.size, args.steps)
+    for group, _ in LAYER_GROUPS:
+        members = {name: layer for name, layer in layers.items() if layer_group(name) == group}
+        if not members:
+            continue
+        for layer in members.values():  # inputs through fp8, weights bf16
+            layer.input_fp8 = True
+        by_input = deviation(run_t2i(model, args.size, args.steps), reference)
+        saved = {}
+        for name, layer in members.items():  # weights e4m3fn, inputs untouched
+            layer.input_fp8, saved[name] = False, layer.weight
+            layer.weight = torch.nn.Parameter(weights[name], requires_grad=False)
+        by_weight = deviation(run_t2i(model, args.size, args.steps), reference)
+        for name, layer in members.items():
+            layer.input_fp8, layer.weight = None, saved[name]
+        result["groups"].append({"group": group, "layers": len(members), "input": by_input, "weight": by_weight,
+                                 "input_costs_more": by_input["image_mean"] > by_weight["image_mean"]})
+        print(f"  {group}: done", file=sys.stderr, flush=True)
+    return result
+
+
+def ovis_u1_with_fast_layers(checkpoint, device, dtype):
+    """The model in ``dtype`` (no fp8 storage) built from the emulated namespace, so that each Linear's
+    ``input_fp8`` can send its inputs through the fp8 rounding."""
+    import ovis_u1
+
+    return ovis_u1.load_model(checkpoint, device=device, dtype=dtype, operations=fast_fp8_operations())
+
+
+def print_sensitivity(result: dict) -> None:
+    print("Per layer type, over a t2i and an edit job (bf16 run): largest |input|, share of inputs clamped (>448) and "
+          "subnormal in e4m3 (<2^-6), relative error of x·Wᵀ with the input in e4m3 vs with the weight in e4m3")
+    print(f"{'layer type':78} {'max|x|':>9} {'clamped':>8} {'subnorm':>8} {'err in':>8} {'err w':>8} {'in/w':>6}")
+    for r in result["types"]:
+        ratio = r["input_err"] / max(r["weight_err"], 1e-30)
+        print(f"{r['type']:78} {r['input_absmax']:9.3g} {r['clamped']:8.2%} {r['subnormal']:8.2%} "
+              f"{r['input_err']:8.4f} {r['weight_err']:8.4f} {ratio:6.2f}")
+    print("\nPer group, t2i against bf16 weights: only the group's inputs through fp8 (weights bf16) vs only its weights "
+          "in e4m3fn")
+    print(f"{'group':26} {'layers':>6} | {'input: mean|Δ| uint8':>20} {'max':>4} {'max|Δ| lat':>10} | "
+          f"{'weight: mean|Δ| uint8':>21} {'max':>4} {'max|Δ| lat':>10} | input costs more")
+    for g in result["groups"]:
+        i, w = g["input"], g["weight"]
+        print(f"{g['group']:26} {g['layers']:6d} | {i['image_mean']:20.3f} {i['image_max']:4d} {i['latent_max']:10.4g} "
+              f"| {w['image_mean']:21.3f} {w['image_max']:4d} {w['latent_max']:10.4g} | "
+              f"{'YES' if g['input_costs_more'] else 'no'}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -417,16 +717,25 @@ def main(argv=None) -> None:
     parser.add_argument("--load", default="full", help=f"loader name ({', '.join(LOADERS)})")
     parser.add_argument("--rows", default=",".join(PARTS + JOBS))
     parser.add_argument("--quality", action="store_true", help="measure the fp8 deviations instead of memory")
+    parser.add_argument("--reference-cache", help="--quality: keep the default run's outputs in this file and reuse "
+                                                  "them when checkpoint, size, steps, dtype and device match")
+    parser.add_argument("--no-yardstick", action="store_true", help="--quality: leave out the bf16 vs fp32 row")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="per layer type and group: what the fp8 matmul's input rounding costs against the "
+                             "weight rounding (emulated --fast)")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args(argv)
 
-    if args.quality:
+    if args.sensitivity:
+        rows = sensitivity(args)
+        print_sensitivity(rows)
+    elif args.quality:
         rows = quality(args)
-        print(f"{'job':5} {'storage':11} {'max|Δ| latent':>14} {'mean|Δ|':>9} {'max|latent|':>11} "
+        print(f"{'job':5} {'storage':22} {'max|Δ| latent':>14} {'mean|Δ|':>9} {'max|latent|':>11} "
               f"{'max|Δ| uint8':>12} {'mean|Δ| uint8':>13}")
         for r in rows:
-            print(f"{r['job']:5} {r['storage']:11} {r['latent_max']:14.4g} {r['latent_mean']:9.3g} "
+            print(f"{r['job']:5} {r['storage']:22} {r['latent_max']:14.4g} {r['latent_mean']:9.3g} "
                   f"{r['latent_ref_absmax']:11.3g} {r['image_max']:12d} {r['image_mean']:13.3f}")
     elif args.row:
         print("ROW " + json.dumps(run_row(args)))

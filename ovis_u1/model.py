@@ -455,6 +455,24 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 FP8_PARTS = ("llm.", "visual_tokenizer.", "vte.", "visual_generator.backbone.")  # never the VAE
 
+# Matrices kept in the compute dtype under fp8 storage. ComfyUI's fp8 matmul (``--fast``: comfy.ops.fp8_ops, ComfyUI
+# 0.33.0 comfy/ops.py fp8_linear) takes every Linear whose weight is stored in float8_e4m3fn and rounds its *input* to
+# e4m3 too, clamped to ±448; a layer whose weight is not fp8 takes the plain cast, so a matrix kept here keeps its layer
+# out of fp8 compute. Measured with bench/bench_memory.py --sensitivity (the fp8 matmul emulated on the CPU, t2i
+# 256², 4 steps, tiny test model): rounding the inputs of the pooled-vector path (txt_in.c_embedder, time_in,
+# vector_in) moves the image by about 10 uint8 levels on average where rounding their weights moves it by 2–3, and
+# the final linear's by 3.8 against 1.4; with these kept out the --fast t2i deviation drops from 13.1 to 5.9 levels
+# (README, "Memory and speed"). They run once per prompt or on one vector per step, so fp8 would only have saved their
+# bytes: 23 M parameters of the real model (0.7 % of what fp8 stores). txt_in.input_embedder is kept out for its input
+# rather than a measured cost: it multiplies the LLM's un-normalised last-layer input (half of the condition), whose
+# outlier channels can exceed ±448 on real weights; on the random test weights nothing reaches the clamp (|x| ≤ 15).
+FP8_KEPT_OUT: tuple[str, ...] = tuple(
+    f"visual_generator.backbone.{name}.weight"
+    for name in ("txt_in.input_embedder", "txt_in.c_embedder.linear_1", "txt_in.c_embedder.linear_2",
+                 "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
+                 "final_layer.linear")
+)
+
 
 def architecture_shapes(params: OvisU1Params) -> dict[str, tuple[int, ...]]:
     """Every stored key of the architecture ``params`` describe, with its shape: the model built with plain torch.nn
@@ -474,7 +492,8 @@ def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None)
 
     Biases, norm weights and free parameters (positional table, cls token) keep the compute dtype: they are a
     negligible share of the bytes and the values most sensitive to rounding. Layers that cannot cast (plain
-    torch.nn) are left alone, so fp8 never reaches a layer that would multiply in fp8.
+    torch.nn) are left alone, so fp8 never reaches a layer that would multiply in fp8. The matrices of
+    :data:`FP8_KEPT_OUT` keep the compute dtype too (their inputs do not survive ComfyUI's fp8 matmul).
     """
     keys = set()
     for name, module in model.named_modules():
@@ -486,7 +505,7 @@ def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None)
         else:
             weight = getattr(module, "weight", None)
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
-        if shape is not None and len(shape) >= 2 and key.startswith(FP8_PARTS):
+        if shape is not None and len(shape) >= 2 and key.startswith(FP8_PARTS) and key not in FP8_KEPT_OUT:
             keys.add(key)
     return keys
 

@@ -179,7 +179,7 @@ def _t2i_image(ovis, size: int = 256, steps: int = 4):
 def test_fp8_images_stay_within_the_readmes_figures(pack):
     """fp8_e4m3fn storage through ComfyUI's manual-cast layers against bf16 weights, the README's measurement
     (``bench/bench_memory.py --quality --size 256 --steps 4``, t2i, bf16 compute): on the tiny test model the README
-    states 3.8 uint8 levels on average, 37 at most."""
+    states 3.0 uint8 levels on average, 30 at most."""
     images = {}
     for storage in ("default", "fp8_e4m3fn"):
         managed, _, _ = load(pack, dtype="bf16", weight_dtype=storage)
@@ -187,5 +187,5 @@ def test_fp8_images_stay_within_the_readmes_figures(pack):
             managed.use(part)
         images[storage] = _t2i_image(managed.model)
     diff = (images["fp8_e4m3fn"] - images["default"]).abs()
-    assert 0 < diff.float().mean() <= 3.8 and diff.max() <= 37, (
+    assert 0 < diff.float().mean() <= 3.0 and diff.max() <= 30, (
         f"fp8 moved the image by {diff.float().mean():.2f} levels on average, {diff.max()} at most")
