@@ -11,10 +11,8 @@ import dataclasses
 import io
 import json
 import pathlib
-import shutil
 import typing
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,38 +24,13 @@ from ovis_u1.checkpoint import _TensorReader, check_directory, find_model_dirs, 
 from ovis_u1.config import (MMDiTParams, PreprocessParams, VAEParams, VisionParams, load_params,
                             params_from_dicts)
 from ovis_u1.llm import Qwen3Params
-from tests.golden import (CHECKPOINT, GOLDEN, TINY_A, assert_golden_image, case_params, requires_golden,
-                          tensors)
+from tests.golden import CHECKPOINT, GOLDEN, TINY_A, requires_golden
 
 pytestmark = requires_golden
 
 
-@pytest.fixture(scope="module")
-def model():
-    return ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(autouse=True)
-def still_golden(model):
-    """After every case, the same model still makes the golden image (no state was damaged by the bad input)."""
-    yield
-    p = case_params("t2i")
-    image = model.text_to_image(p["prompt"], width=p["width"], height=p["height"], steps=p["steps"],
-                                txt_cfg=p["txt_cfg"], seed=p["seed"])
-    assert_golden_image(np.asarray(image), tensors("t2i")["output_image_uint8"])
-
-
-@pytest.fixture
-def copy(tmp_path):
-    """A writable copy of the tiny checkpoint (the weights linked, not copied, unless a case rewrites them)."""
-    target = tmp_path / "ckpt"
-    target.mkdir()
-    for f in CHECKPOINT.iterdir():
-        if f.name == "model.safetensors":
-            (target / f.name).symlink_to(f)
-        else:
-            shutil.copyfile(f, target / f.name)
-    return target
+# The loaded model, the golden re-check after every case and the writable checkpoint copy of the first round.
+from tests.test_bad_input_checkpoint import copy, model, still_golden  # noqa: E402, F401
 
 
 def error(exc_type, fn, *names: str) -> str:
