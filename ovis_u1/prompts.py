@@ -82,6 +82,14 @@ def load_tokenizer(directory: str | Path, llm_vocab_size: int | None = None):
 
     if "tokenizer.json" in missing and ("vocab.json" in missing or "merges.txt" in missing):
         fail("no vocabulary (tokenizer.json, or vocab.json with merges.txt)")
+    # transformers 4.x reads tokenizer.json in Rust, whose permission error is no PermissionError: open each file here
+    for name in TOKENIZER_FILES:
+        if name not in missing:
+            try:
+                open(directory / name, "rb").close()
+            except PermissionError as e:
+                raise CheckpointError(f"cannot read {directory / name}: permission denied; make the file readable "
+                                      "(e.g. chmod a+r)") from e
     try:
         tokenizer = Qwen2TokenizerFast.from_pretrained(str(directory))
     except PermissionError as e:
