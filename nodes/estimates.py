@@ -153,3 +153,30 @@ def vae_encode_memory(height: int, width: int, nbytes: int,
                       block_out_channels: tuple[int, ...] = SDXL_BLOCK_OUT) -> int:
     """Peak of one image's VAE encode: the first down block at full resolution (see ``VAE_ENCODE_TENSORS``)."""
     return math.ceil(VAE_MARGIN * VAE_ENCODE_TENSORS * block_out_channels[0] * height * width * nbytes)
+
+
+PROMPT_TEMPLATE_TOKENS = 64  # system/user/assistant markup and image indicators around the question
+
+
+def understand_request_memory(params, images, text: str, max_new_tokens: int, nbytes: int, attention="auto") -> int:
+    """:func:`understand_memory` for one request to a model of ``params`` (``ovis_u1.config.OvisU1Params``): the
+    images as the preprocessor resizes them; ``text`` (instruction + question) bounds the prompt's tokens by its
+    UTF-8 bytes (no token is shorter than one byte)."""
+    from ovis_u1.llm import qwen3_params
+    from ovis_u1.preprocess import smart_resize
+
+    v, pre = params.vision, params.preprocess
+    factor = pre.patch_size * pre.hidden_stride
+    patches = []
+    for img in images or []:
+        h, w = smart_resize(img.height, img.width, factor=factor, min_pixels=pre.min_pixels, max_pixels=pre.max_pixels)
+        patches.append(h * w // pre.patch_size**2)
+    visual = sum(n // pre.hidden_stride**2 for n in patches)
+    text_bytes = len(str(text).encode("utf-8", "replace"))  # bad text is refused later, by the library
+    prompt = min(params.multimodal_max_length, visual + text_bytes + PROMPT_TEMPLATE_TOKENS)
+    llm = qwen3_params(params.llm_config)
+    return understand_memory(
+        llm.num_hidden_layers, llm.hidden_size, llm.intermediate_size, llm.num_attention_heads,
+        llm.num_key_value_heads, llm.head_dim, v.hidden_size, v.intermediate_size, v.num_heads, v.vocab_size,
+        patches, visual, prompt, int(max_new_tokens), nbytes, scores=pack_kernel_scores(attention),
+    )

@@ -4,39 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ovis_u1.llm import qwen3_params
-from ovis_u1.preprocess import smart_resize
-
 from . import comfy_bridge as bridge
 from . import estimates
 from .image import to_pil_list
 from .loader import MODEL_TYPE
-
-PROMPT_TEMPLATE_TOKENS = 64  # system/user/assistant markup and image indicators around the question
-
-
-def understand_memory(model, images, question: str, max_new_tokens: int) -> int:
-    """Activation bytes of an answer (``estimates.understand_memory``): the visual encoder over the images as the
-    preprocessor resizes them, the prompt pass and a KV cache for prompt + ``max_new_tokens``. The question's
-    tokens are bounded by its UTF-8 bytes (no token is shorter than one byte)."""
-    p = model.model.params
-    v, pre = p.vision, p.preprocess
-    factor = pre.patch_size * pre.hidden_stride
-    patches = []
-    for img in images or []:
-        h, w = smart_resize(img.height, img.width, factor=factor, min_pixels=pre.min_pixels, max_pixels=pre.max_pixels)
-        patches.append(h * w // pre.patch_size**2)
-    visual = sum(n // pre.hidden_stride**2 for n in patches)
-    text_bytes = len(str(question).encode("utf-8", "replace"))  # bad text is refused later, by the library
-    prompt = min(p.multimodal_max_length, visual + text_bytes + PROMPT_TEMPLATE_TOKENS)
-    llm = qwen3_params(p.llm_config)
-    dtype = getattr(model, "dtype", None) or torch.float32  # the compute dtype (weights may be stored in fp8)
-    return estimates.understand_memory(
-        llm.num_hidden_layers, llm.hidden_size, llm.intermediate_size, llm.num_attention_heads,
-        llm.num_key_value_heads, llm.head_dim, v.hidden_size, v.intermediate_size, v.num_heads, v.vocab_size,
-        patches, visual, prompt, int(max_new_tokens), bridge.dtype_size(dtype),
-        scores=estimates.pack_kernel_scores(getattr(model, "attention", "auto")),
-    )
 
 
 class OvisU1Understand:
@@ -105,8 +76,11 @@ class OvisU1Understand:
                    seed=0, image=None, instruction=""):
         images = to_pil_list(image, "image") if image is not None else None
         progress = bridge.Progress(max_new_tokens)
-        prompt_text = f"{instruction or ''}{question}"  # its length bounds the prompt's tokens
-        ovis = model.use("llm", understand_memory(model, images, prompt_text, max_new_tokens))
+        dtype = getattr(model, "dtype", None) or torch.float32  # the compute dtype (weights may be stored in fp8)
+        memory = estimates.understand_request_memory(model.model.params, images, f"{instruction or ''}{question}",
+                                                     max_new_tokens, bridge.dtype_size(dtype),
+                                                     getattr(model, "attention", "auto"))
+        ovis = model.use("llm", memory)
         result = ovis.understand(
             images, question, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_p=top_p, seed=seed, on_token=lambda done, total: progress.update(done), instruction=instruction,
