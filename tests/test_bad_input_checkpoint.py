@@ -143,30 +143,29 @@ def test_broken_config_files_are_named(copy, case, damage, names):
     load_error(copy, *names)
 
 
+def deny_reading(monkeypatch, owner, attr: str, file_name: str) -> None:
+    """``owner.attr`` — a reader taking the file first (``Path.read_text``, ``Path.open``, ``io.open``,
+    ``builtins.open``) — raises PermissionError for files called ``file_name``: as root chmod cannot deny reading,
+    so the error is injected where the file is read."""
+    real = getattr(owner, attr)
+
+    def denied(file, *args, **kwargs):
+        if isinstance(file, (str, pathlib.PurePath)) and pathlib.Path(file).name == file_name:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, denied)
+
+
 def test_unreadable_config(copy, monkeypatch):
-    """As root chmod cannot deny reading, so the PermissionError is injected where the file is read."""
-    real = pathlib.Path.read_text
-
-    def denied(self, *args, **kwargs):
-        if self.name == "config.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    deny_reading(monkeypatch, pathlib.Path, "read_text", "config.json")
     load_error(copy, "config.json", "permission denied")
 
 
 def test_unreadable_weights(copy, monkeypatch):
     import builtins
 
-    real = builtins.open
-
-    def denied(file, *args, **kwargs):
-        if str(file).endswith("model.safetensors"):
-            raise PermissionError(13, "Permission denied", str(file))
-        return real(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", denied)
+    deny_reading(monkeypatch, builtins, "open", "model.safetensors")
     load_error(copy, "model.safetensors", "permission denied")
 
 

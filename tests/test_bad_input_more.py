@@ -30,7 +30,7 @@ pytestmark = requires_golden
 
 
 # The loaded model, the golden re-check after every case and the writable checkpoint copy of the first round.
-from tests.test_bad_input_checkpoint import copy, model, still_golden  # noqa: E402, F401
+from tests.test_bad_input_checkpoint import copy, deny_reading, model, still_golden  # noqa: E402, F401
 
 
 def error(exc_type, fn, *names: str) -> str:
@@ -321,40 +321,7 @@ def test_a_header_in_another_order_still_loads(copy, model):
 
 
 # ----------------------------------------------------------------------------------- (c) unreadable config.json
-def _deny_read_text(mp):
-    real = pathlib.Path.read_text
-
-    def denied(self, *args, **kwargs):
-        if self.name == "config.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-
-    mp.setattr(pathlib.Path, "read_text", denied)
-
-
-def _deny_path_open(mp):
-    real = pathlib.Path.open
-
-    def denied(self, *args, **kwargs):
-        if self.name == "config.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-
-    mp.setattr(pathlib.Path, "open", denied)
-
-
-def _deny_io_open(mp):
-    real = io.open
-
-    def denied(file, *args, **kwargs):
-        if isinstance(file, (str, pathlib.PurePath)) and pathlib.Path(file).name == "config.json":
-            raise PermissionError(13, "Permission denied", str(file))
-        return real(file, *args, **kwargs)
-
-    mp.setattr(io, "open", denied)
-
-
-DENY = {"Path.read_text": _deny_read_text, "Path.open": _deny_path_open, "io.open": _deny_io_open}
+DENY = {"Path.read_text": (pathlib.Path, "read_text"), "Path.open": (pathlib.Path, "open"), "io.open": (io, "open")}
 READERS = {
     "load_model": lambda d: ovis_u1.load_model(d, device="cpu", dtype=torch.float32),
     "check_directory": check_directory,
@@ -368,7 +335,7 @@ def test_an_unreadable_config_is_named_by_every_reader(copy, monkeypatch, deny):
     """As root chmod cannot deny reading, so the PermissionError is injected where the file is opened (three ways).
     Every reader says which file and how to fix it; listing folders skips it quietly (loading it then explains)."""
     with monkeypatch.context() as mp:
-        DENY[deny](mp)
+        deny_reading(mp, *DENY[deny], "config.json")
         for name, read in READERS.items():
             message = error(CheckpointError, lambda: read(copy), str(copy / "config.json"), "permission denied",
                             "chmod a+r")
@@ -380,14 +347,7 @@ def test_an_unreadable_config_is_named_by_every_reader(copy, monkeypatch, deny):
 def test_a_tokenizer_file_that_cannot_be_read_is_named(copy, monkeypatch):
     import builtins
 
-    real = builtins.open
-
-    def denied(file, *args, **kwargs):
-        if str(file).endswith("tokenizer.json"):
-            raise PermissionError(13, "Permission denied", str(file))
-        return real(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", denied)
+    deny_reading(monkeypatch, builtins, "open", "tokenizer.json")
     load_error(copy, "tokenizer.json", "permission denied", "chmod a+r")
 
 

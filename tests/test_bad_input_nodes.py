@@ -12,6 +12,7 @@ from ovis_u1 import OvisU1InputError
 from ovis_u1.checkpoint import MODELS_DIR_ENV
 from tests.golden import CHECKPOINT, TINY_A, assert_golden_image, case_params, requires_golden, tensors
 from tests.test_nodes import load_image, run, save_uint8
+from tests.test_bad_input_checkpoint import deny_reading
 
 pytestmark = requires_golden
 
@@ -228,14 +229,7 @@ def test_an_unreadable_config_is_skipped_in_the_list_and_explained_on_load(model
 
     name = _bad_root(tmp_path, monkeypatch, lambda target: None)
     assert comfy_bridge.list_models() == [name]
-    real = pathlib.Path.read_text
-
-    def denied(self, *args, **kwargs):
-        if self.name == "config.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    deny_reading(monkeypatch, pathlib.Path, "read_text", "config.json")
     assert comfy_bridge.list_models() == []  # quietly not listed...
     assert OvisU1ModelLoader.VALIDATE_INPUTS(name) is True  # ...but a saved workflow that names it is let through
     with pytest.raises(CheckpointError) as info:  # ...to be told what is wrong
