@@ -7,7 +7,8 @@ extra image-only self-attention, then single-stream blocks over [text, image]. T
   denoising step (token refiner, ``vector_in`` of the pooled text, RoPE tables, ``img_in`` of the context latent);
   its shape-only part (``positions``) and the context projection (``project_context``) can be made once and passed
   in, as the native ComfyUI path does once per sampling run;
-* ``forward(x, t, prepared)`` is one velocity prediction.
+* ``velocity(x, t, prepared)`` (also ``forward``) is one velocity prediction. A host with its own call convention
+  (ComfyUI's diffusion-model call) subclasses the MMDiT, overrides ``forward`` and calls ``velocity``.
 
 Sequence order everywhere: [text (L), noise (N), context (N)]; RoPE ids text [0,0,0], noise [0,row,col],
 context [1,row,col]. Parameter names equal the checkpoint keys under ``visual_generator.backbone.``.
@@ -327,6 +328,9 @@ class MMDiT(nn.Module):
     # ---- one velocity prediction ----------------------------------------------------------------------------
 
     def forward(self, x: Tensor, t: Tensor, prepared: Prepared) -> Tensor:
+        return self.velocity(x, t, prepared)
+
+    def velocity(self, x: Tensor, t: Tensor, prepared: Prepared) -> Tensor:
         """x: noise tokens [B, N, in_channels]; t: flow time [B] → predicted velocity [B, N, out_channels]."""
         img = self.img_in(x)
         if prepared.context is not None:

@@ -48,6 +48,7 @@ from .preprocess import (
     edit_target_size,
     preprocess_image,
     resize_for_edit,
+    to_rgb,
     vae_pixel_values,
     white_canvas,
 )
@@ -122,17 +123,19 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
 
 
 class VisualGenerator(nn.Module):
-    def __init__(self, params: OvisU1Params, operations=nn):
+    def __init__(self, params: OvisU1Params, operations=nn, mmdit_class: type[MMDiT] = MMDiT):
         super().__init__()
-        self.backbone = MMDiT(params.mmdit, operations=operations)
+        self.backbone = mmdit_class(params.mmdit, operations=operations)
         self.vae = AutoencoderKL(params.vae, operations=operations)
 
 
 class OvisU1(nn.Module):
     """The whole model. ``operations``: the layer namespace every part is built from (default ``torch.nn``; the
-    ComfyUI bridge passes ComfyUI's operations, fp8 storage the pack's :class:`ovis_u1.operations.manual_cast`)."""
+    ComfyUI bridge passes ComfyUI's operations, fp8 storage the pack's :class:`ovis_u1.operations.manual_cast`);
+    ``mmdit_class``: the MMDiT's class (a host's subclass that adds its own call convention)."""
 
-    def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto", operations=nn):
+    def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto", operations=nn,
+                 mmdit_class: type[MMDiT] = MMDiT):
         super().__init__()
         self.params = params
         self.tokenizer = tokenizer
@@ -141,7 +144,7 @@ class OvisU1(nn.Module):
         self.llm = build_llm(params.llm_config, attention, operations)
         self.visual_tokenizer = VisualTokenizer(params.vision, operations=operations)
         self.vte = operations.Embedding(params.vision.vocab_size, params.hidden_size)
-        self.visual_generator = VisualGenerator(params, operations=operations)
+        self.visual_generator = VisualGenerator(params, operations=operations, mmdit_class=mmdit_class)
 
     # ----------------------------------------------------------------------------------------------- parts
     @property
@@ -245,7 +248,8 @@ class OvisU1(nn.Module):
         return Understanding(text=text, token_ids=token_ids, warnings=notes)
 
     # -------------------------------------------------------------------------------------- generation
-    def edit_size(self, image: Image.Image) -> tuple[int, int]:
+    @staticmethod
+    def edit_size(image: Image.Image) -> tuple[int, int]:
         """(width, height) of an edit of ``image`` (SPEC §C.3)."""
         return check_edit_image(check_pil_image(image, "image"), "image")
 
@@ -261,7 +265,9 @@ class OvisU1(nn.Module):
     ) -> Condition:
         """Every CFG branch of ``mode`` in one visual-encoder pass and one LLM pass (SPEC §C.1–C.2).
 
-        t2i: ``width``/``height`` are the canvas. edit: ``image`` is the source; it is resized to the edit size.
+        t2i: ``width``/``height`` are the canvas. edit: ``image`` is the source; it is resized to the edit size
+        (:func:`edit_source`), unless ``width``/``height`` are given: then it is the source already at that edit size
+        (the output of :func:`edit_source`) and is used as it is.
         """
         if mode not in MODES:
             raise OvisU1InputError(f"mode {mode!r} is unknown: use one of {', '.join(MODES)}")
@@ -274,8 +280,10 @@ class OvisU1(nn.Module):
         else:
             if image is None:
                 raise OvisU1InputError("edit mode needs an image: connect the image to edit")
-            check_edit_image(check_pil_image(image, "image"), "image")
-            source = resize_for_edit(image)
+            if width is None and height is None:
+                source = edit_source(image)
+            else:
+                source = sized_edit_source(image, width, height)
             width, height = source.size
             sources = {"source": source, "canvas": white_canvas(width, height)}
         names = list(sources)
@@ -310,11 +318,10 @@ class OvisU1(nn.Module):
     @torch.inference_mode()
     def encode_context(self, image: Image.Image, seed: int = 42) -> EditContext:
         """Edit source → VAE posterior sample (CPU generator seeded with ``seed``) → scaled, packed tokens."""
-        check_edit_image(check_pil_image(image, "image"), "image")
         seed = check_seed(seed)
-        source = resize_for_edit(image)
+        source = edit_source(image)
         width, height = source.size
-        z = self.vae_encode(vae_pixel_values(source, width, height), seed=seed)
+        z = sample_edit_latent(self.vae, source, seed)
         tokens = pack_latents(vae_to_latent(z, self.params.vae))
         return EditContext(tokens=tokens, width=width, height=height, image=source)
 
@@ -443,6 +450,36 @@ class OvisU1(nn.Module):
         return self.decode_to_pil(latent)[0]
 
 
+def edit_source(image: Image.Image, name: str = "image") -> Image.Image:
+    """The image an edit works on: ``image`` checked once and resized once to its edit size, as the official edit
+    resizes its input once, before both the LLM condition and the VAE context."""
+    check_edit_image(check_pil_image(image, name), name)
+    return resize_for_edit(image)
+
+
+def sized_edit_source(image: Image.Image, width, height, name: str = "image") -> Image.Image:
+    """An edit source that is already at its edit size ``width``×``height`` (from :func:`edit_source`)."""
+    width, height = check_size(width, height)
+    image = check_pil_image(image, name)
+    if image.size != (width, height):
+        raise OvisU1InputError(
+            f"{name} is {image.size[0]}×{image.size[1]} but the edit context is {width}×{height}: connect the "
+            "resized image that came with the context (the 'resized_image' of the Edit Context Encoder)"
+        )
+    return to_rgb(image)
+
+
+@torch.inference_mode()
+def sample_edit_latent(vae: AutoencoderKL, source: Image.Image, seed: int) -> torch.Tensor:
+    """The raw VAE latent [1, 4, H/8, W/8] (fp32) of an edit source at its edit size: a sample of the posterior
+    drawn with a CPU generator seeded with ``seed``, as the official edit encodes its context."""
+    seed = check_seed(seed)
+    width, height = source.size
+    pixels = vae_pixel_values(source, width, height)
+    mean, logvar = vae.encode(pixels.to(device=_device_of(vae), dtype=_dtype_of(vae)))
+    return vae.sample_latent(mean, logvar, generator=torch.Generator().manual_seed(seed)).float()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -518,6 +555,7 @@ def load_model(
     attention: str = "auto",
     operations=None,
     weight_dtype: torch.dtype | str | None = None,
+    mmdit_class: type[MMDiT] = MMDiT,
 ) -> OvisU1:
     """Load an Ovis-U1 checkpoint folder (Hugging Face layout). The VAE is kept in fp32 (the official decode runs
     in fp32 on CUDA); everything else computes in ``dtype`` (default bf16 where supported, else fp32).
@@ -543,7 +581,8 @@ def load_model(
     attention_kernels.kernel(attention)  # an unusable choice fails before anything is read
     with reading_ahead(directory):  # the disk reads while the model is built
         with torch.device("meta"):
-            model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations)
+            model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations,
+                           mmdit_class=mmdit_class)
         shapes = architecture_shapes(params)
         stored_in_fp8 = fp8_keys(model, shapes) if weight_dtype is not None else set()
 

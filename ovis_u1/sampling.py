@@ -28,10 +28,31 @@ def flow_schedule(
     """
     t = torch.linspace(1, 0, steps + 1, dtype=torch.float32)
     if shift:
-        slope = (max_shift - base_shift) / (4096 - 256)
-        mu = slope * num_tokens + (base_shift - slope * 256)
+        mu = shift_mu(num_tokens, base_shift, max_shift)
         t = math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
     return t.tolist()
+
+
+def shift_mu(num_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's time-shift mu: linear in the token count through (256, base_shift) and (4096, max_shift)."""
+    slope = (max_shift - base_shift) / (4096 - 256)
+    return slope * num_tokens + (base_shift - slope * 256)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """MMDiT tokens of a width×height image: 2×2 patches of the 8× downscaled latent."""
+    return math.ceil(height / 16) * math.ceil(width / 16)
+
+
+def flow_sigmas(mmdit_params, width: int, height: int, steps: int, timestep_shift: bool | None = None,
+                denoise: float = 1.0) -> Tensor:
+    """The official schedule of a width×height image as a float32 tensor (1 → 0, steps + 1 values); the shift as
+    the checkpoint's config says unless ``timestep_shift`` overrides it. ``denoise`` < 1: the last ``steps`` of a
+    ``steps / denoise`` schedule (as ComfyUI's BasicScheduler takes the tail)."""
+    shift = mmdit_params.timestep_shift if timestep_shift is None else timestep_shift
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    times = flow_schedule(total, image_tokens(width, height), shift, mmdit_params.base_shift, mmdit_params.max_shift)
+    return torch.tensor(times[-(steps + 1):], dtype=torch.float32)
 
 
 def initial_noise(seed: int, height: int, width: int, channels: int = 4) -> Tensor:
@@ -92,7 +113,7 @@ def predict(model: MMDiT, x: Tensor, t_vec: Tensor, groups: list[tuple[list[int]
     preds: list[Tensor | None] = [None] * sum(len(idx) for idx, _ in groups)
     for idx, prepared in groups:
         n = len(idx)
-        out = model(x.repeat(n, 1, 1) if n > 1 else x, t_vec.repeat(n) if n > 1 else t_vec, prepared)
+        out = model.velocity(x.repeat(n, 1, 1) if n > 1 else x, t_vec.repeat(n) if n > 1 else t_vec, prepared)
         for i, chunk in zip(idx, out.split(x.shape[0])):
             preds[i] = chunk
     return preds  # type: ignore[return-value]
