@@ -8,7 +8,8 @@ the tiny LLM / vision / VAE are irrelevant here (only the MMDiT runs per step). 
 * optimized   -- ``ovis_u1.sampling.denoise`` as the pack runs it: refiner/prepare cached, compatible branches batched;
 * unbatched   -- the same with ``batch=False`` (one forward per branch);
 * official    -- the reference implementation's cost: refiner + ``prepare`` recomputed for every branch at every step,
-                 one forward per branch (SPEC §D.1-D.2).
+                 one forward per branch (official modeling_yak.py: YakModel.denoise /
+                 edit_denoise call the backbone once per branch, and YakTransformer.forward runs txt_in each time).
 
 FLOPs per step are counted with ``torch.utils.flop_counter.FlopCounterMode`` around one step of a meta-device copy
 of the model (counts depend on shapes only; equal to counting the CPU run, which costs a step; CPU SDPA is added

@@ -1,6 +1,7 @@
 """Hyperparameters of an Ovis-U1 checkpoint, read from its config.json and preprocessor_config.json.
 
-Nothing here is assumed that the checkpoint states itself (SPEC §E): window size, full-attention blocks, positional
+Nothing here is assumed that the checkpoint states itself (the official configuration_aimv2.py, configuration_yak.py
+and configuration_ovis_u1.py read them from config.json too): window size, full-attention blocks, positional
 embedding interpolation, timestep shift, pixel budgets and sequence limits all come from the files.
 """
 

@@ -233,9 +233,9 @@ def check_pil_image(image, name: str = "image"):
 
 
 def check_edit_image(image, name: str = "image") -> tuple[int, int]:
-    """The edit size of ``image`` (SPEC §C.3), which the user cannot choose: it follows the image's aspect ratio at
-    about one megapixel. Very long thin or tiny images give a size outside the model's range; say so before any
-    text is encoded. Returns (width, height) of the edit."""
+    """The edit size of ``image`` (official test_img_edit.py, pipe_img_edit), which the user cannot choose: it
+    follows the image's aspect ratio at about one megapixel. Very long thin or tiny images give a size outside the
+    model's range; say so before any text is encoded. Returns (width, height) of the edit."""
     from .preprocess import edit_target_size
 
     width, height = image.size

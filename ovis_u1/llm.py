@@ -15,9 +15,10 @@ statistics in fp32 and ``weight * x.to(dtype)``, per-head q/k RMSNorm, rotary ta
 an fp32 matmul with the positions, cast to the activation dtype, GQA by repeating key/value heads, causal
 attention with scale head_dim^-0.5, SwiGLU MLP, final norm, lm_head tied to the embedding table.
 
-Two uses: the condition pass for image generation (SPEC §C.2, §D.3: final-norm output ‖ input of the last layer,
-which transformers reports as ``hidden_states[-2]``) and token generation for understanding (a KV-cached loop
-that reports every token and can be interrupted; SPEC §B.6).
+Two uses: the condition pass for image generation (official modeling_ovis_u1.py, OvisU1.generate_condition, without
+its unused logits and loss: final-norm output ‖ input of the last layer, which transformers reports as
+``hidden_states[-2]``) and token generation for understanding (a KV-cached loop that reports every token and can be
+interrupted; official OvisU1.generate, which calls the LLM's generate).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Yak MMDiT of Ovis-U1 (``visual_generator.backbone``; SPEC §C.5).
+"""The Yak MMDiT of Ovis-U1 (``visual_generator.backbone``; official modeling_yak.py, YakTransformer).
 
 A FLUX-style rectified-flow transformer: double-stream blocks (separate image/text weights, joint attention) with an
 extra image-only self-attention, then single-stream blocks over [text, image]. The forward is split in two:

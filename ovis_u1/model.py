@@ -69,7 +69,8 @@ class Understanding:
 
 @dataclass
 class Condition:
-    """LLM hidden states [1, L, 2·hidden] of every CFG branch a mode needs (SPEC §C.1–C.2)."""
+    """LLM hidden states [1, L, 2·hidden] of every CFG branch a mode needs (official test_txt_to_img.py /
+    test_img_edit.py build_inputs, modeling_ovis_u1.py OvisU1.generate_condition)."""
 
     mode: str
     width: int
@@ -80,7 +81,8 @@ class Condition:
 
 @dataclass
 class Refined:
-    """Refined text tokens [1, L, H] and pooled vector [1, H] per branch — time-independent (SPEC §C.4)."""
+    """Refined text tokens [1, L, H] and pooled vector [1, H] per branch — time-independent (official modeling_yak.py,
+    SingleTokenRefiner: its timestep embedder is commented out)."""
 
     mode: str
     width: int
@@ -162,7 +164,8 @@ class OvisU1(nn.Module):
 
     # ------------------------------------------------------------------------------------ multimodal input
     def _visual_embeds(self, images: list[Image.Image], num_images: int = 1) -> list[torch.Tensor]:
-        """Visual embeddings [n_i, hidden] for each image, all images in one encoder pass (SPEC §B.3–B.5)."""
+        """Visual embeddings [n_i, hidden] for each image, all images in one encoder pass (official
+        modeling_ovis_u1.py, Aimv2VisualTokenizer.preprocess_image / forward and VisualEmbedding)."""
         device, dtype = _device_of(self.visual_tokenizer), _dtype_of(self.visual_tokenizer)
         pixels, grids = [], []
         for img in images:
@@ -178,9 +181,10 @@ class OvisU1(nn.Module):
 
     def _merge(self, ids: list[int], visual: list[torch.Tensor], notes: list[str] | None = None,
                what: str = "the prompt", images_adjustable: bool = False) -> torch.Tensor:
-        """Input embeddings [L, hidden] with the placeholders filled (SPEC §B.6), truncated to the last
-        ``multimodal_max_length`` positions; what the truncation cuts is warned about (and appended to ``notes``),
-        an image it would remove completely is an error (``what`` names the text input)."""
+        """Input embeddings [L, hidden] with the placeholders filled (official modeling_ovis_u1.py,
+        OvisU1.merge_multimodal), truncated to the last ``multimodal_max_length`` positions; what the truncation cuts
+        is warned about (and appended to ``notes``), an image it would remove completely is an error (``what`` names
+        the text input)."""
         found = check_truncation(ids, [len(v) for v in visual], prompts.IMAGE_ATOM_ID,
                                  self.params.multimodal_max_length, what, self.tokenizer.decode, images_adjustable)
         if notes is not None:
@@ -250,7 +254,7 @@ class OvisU1(nn.Module):
     # -------------------------------------------------------------------------------------- generation
     @staticmethod
     def edit_size(image: Image.Image) -> tuple[int, int]:
-        """(width, height) of an edit of ``image`` (SPEC §C.3)."""
+        """(width, height) of an edit of ``image`` (official test_img_edit.py, pipe_img_edit)."""
         return check_edit_image(check_pil_image(image, "image"), "image")
 
     @_with_attention
@@ -263,7 +267,8 @@ class OvisU1(nn.Module):
         width: int | None = None,
         height: int | None = None,
     ) -> Condition:
-        """Every CFG branch of ``mode`` in one visual-encoder pass and one LLM pass (SPEC §C.1–C.2).
+        """Every CFG branch of ``mode`` in one visual-encoder pass and one LLM pass (official
+        test_txt_to_img.py pipe_t2i / test_img_edit.py pipe_img_edit, modeling_ovis_u1.py OvisU1.generate_condition).
 
         t2i: ``width``/``height`` are the canvas. edit: ``image`` is the source; it is resized to the edit size
         (:func:`edit_source`), unless ``width``/``height`` are given: then it is the source already at that edit size
@@ -340,7 +345,8 @@ class OvisU1(nn.Module):
         timestep_shift: bool | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Flow-matching Euler sampling with CFG → VAE latent [1, 4, H/8, W/8] (unscaled, fp32; SPEC §C.3–C.6)."""
+        """Flow-matching Euler sampling with CFG → VAE latent [1, 4, H/8, W/8] (unscaled, fp32; official
+        modeling_yak.py, YakModel.generate_image / get_schedule / denoise / edit_denoise)."""
         if refined.mode == "edit":
             if context is None:
                 raise OvisU1InputError(

@@ -1,15 +1,18 @@
-"""Image preprocessing for the visual tokenizer and the generation path (SPEC §B.3, §C.1, §C.3, §C.8).
+"""Image preprocessing for the visual tokenizer and the generation path (official modeling_ovis_u1.py,
+Aimv2VisualTokenizer.preprocess_image / smart_resize; build_inputs of test_txt_to_img.py / test_img_edit.py and
+pipe_img_edit; modeling_yak.py, YakModel.process_image_aspectratio).
 
 Pure functions over PIL images and tensors; no model state. The numerics follow the official pipeline step by step:
 
 * every bicubic resize is ``resample.resize`` — Pillow 10.3.0's (the official pin) uint8 output computed by the pack,
   so the pixels do not depend on the installed Pillow (issue 11);
-* the visual tokenizer input (§B.3) is what transformers' ``CLIPImageProcessor`` produces — PIL bicubic resize of the
-  uint8 image, ``float32(uint8 * (1/255 as float64))``, ``(x - mean) / std`` in float32 — patchified into 2×2 merge
-  groups;
-* the conditioning image of T2I / EDIT (§C.1) is first fitted to the target size (§C.8) and shrunk to at most
-  ``min_pixels`` by a second ``smart_resize``;
-* the VAE input (§C.8) is torchvision's ``to_tensor`` + ``normalize(0.5, 0.5)``, reproduced without torchvision.
+* the visual tokenizer input (Aimv2VisualTokenizer.preprocess_image) is what transformers' ``CLIPImageProcessor``
+  produces — PIL bicubic resize of the uint8 image, ``float32(uint8 * (1/255 as float64))``, ``(x - mean) / std`` in
+  float32 — patchified into 2×2 merge groups;
+* the conditioning image of T2I / EDIT (the scripts' build_inputs) is first fitted to the target size
+  (process_image_aspectratio) and shrunk to at most ``min_pixels`` by a second ``smart_resize``;
+* the VAE input (process_image_aspectratio) is torchvision's ``to_tensor`` + ``normalize(0.5, 0.5)``, reproduced
+  without torchvision.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from . import resample
 from .config import PreprocessParams
 from .inputs import OvisU1InputError
 
-# §C.1: the conditioning image is shrunk with these bounds before §B.3 (max is the processor's min_pixels).
+# The conditioning image is shrunk with these bounds before preprocess_image (official build_inputs: smart_resize's
+# default factor and min_pixels; max is the processor's min_pixels).
 CONDITION_FACTOR = 28
 CONDITION_MIN_PIXELS = 56 * 56
-# §C.3: EDIT output size — the Qwen2-VL smart_resize defaults with factor 32.
+# EDIT output size — the Qwen2-VL smart_resize defaults with factor 32 (official test_img_edit.py, pipe_img_edit).
 EDIT_FACTOR = 32
 EDIT_MIN_PIXELS = 56 * 56
 EDIT_MAX_PIXELS = 14 * 14 * 4 * 1280
@@ -38,7 +42,8 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any image Pillow opens → 8-bit RGB, the first step of every entry point (SPEC §B.3 step 1, §C.1, §C.3).
+    """Any image Pillow opens → 8-bit RGB, the first step of every entry point (official
+    Aimv2VisualTokenizer.preprocess_image and the test scripts).
 
     The official code calls ``img.convert("RGB")``. That is kept wherever it is meaningful — every 8-bit mode
     ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", …), so official inputs keep official pixels; alpha
@@ -83,9 +88,9 @@ def _to_multiple(value: float, factor: int, rounding) -> int:
 
 
 def _usable_shape(height: int, width: int, factor: int) -> tuple[int, int]:
-    """The two pre-adjustments of the Ovis/Qwen2-VL resize (SPEC §B.3 step 2), each with a warning: a side shorter
-    than ``factor`` brings the short side up to ``factor`` (the long side follows in proportion, rounded), else an
-    aspect ratio above 200 has its long side cut to 200 × the short side."""
+    """The two pre-adjustments of the Ovis/Qwen2-VL resize (official Aimv2VisualTokenizer.smart_resize), each with
+    a warning: a side shorter than ``factor`` brings the short side up to ``factor`` (the long side follows in
+    proportion, rounded), else an aspect ratio above 200 has its long side cut to 200 × the short side."""
     short, long = sorted((height, width))
     height_is_short = height < width
     if short < factor:
@@ -103,7 +108,7 @@ def _usable_shape(height: int, width: int, factor: int) -> tuple[int, int]:
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
     """(height, width) near the input, both multiples of ``factor``, area kept within [min_pixels, max_pixels]
-    (the Qwen2-VL rule Ovis-U1 uses, SPEC §B.3 step 2).
+    (the Qwen2-VL rule Ovis-U1 uses: official modeling_ovis_u1.py, Aimv2VisualTokenizer.smart_resize).
 
     Each side is first rounded to the nearest multiple (Python's half-to-even ``round``). If that area is too
     large, both sides shrink by sqrt(area / max_pixels) and are floored to multiples; if too small, they grow by
@@ -124,7 +129,8 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 
 
 def patchify(image_chw: np.ndarray | torch.Tensor, params: PreprocessParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut a normalised (C, H, W) image into patches ordered by 2×2 merge groups (SPEC §B.3 step 4).
+    """Cut a normalised (C, H, W) image into patches ordered by 2×2 merge groups (official
+    Aimv2VisualTokenizer.preprocess_image).
 
     Returns ``pixel_values`` [gt·gh·gw, C·tp·ps·ps] float32 — merge groups in raster order, patches in raster order
     inside a group, features ordered (C, tp, ph, pw) — and ``grid_thws`` [[gt, gh, gw]] int64. A single image is
@@ -148,7 +154,8 @@ def patchify(image_chw: np.ndarray | torch.Tensor, params: PreprocessParams) -> 
 
 
 def normalize_clip(image: Image.Image, params: PreprocessParams) -> np.ndarray:
-    """CLIPImageProcessor rescale + normalize of an RGB uint8 image → (C, H, W) float32 (SPEC §B.3 step 3).
+    """CLIPImageProcessor rescale + normalize of an RGB uint8 image → (C, H, W) float32 (as official
+    Aimv2VisualTokenizer.preprocess_image calls it).
 
     ``uint8 * rescale_factor`` is evaluated in float64 and cast to float32; mean/std are float32 arrays.
     """
@@ -161,7 +168,8 @@ def normalize_clip(image: Image.Image, params: PreprocessParams) -> np.ndarray:
 
 def preprocess_image(img: Image.Image, params: PreprocessParams, min_pixels: int | None = None,
                      max_pixels: int | None = None, num_images: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """An image → (pixel_values [N, C·tp·ps·ps] float32, grid_thws [[1, gh, gw]] int64) (SPEC §B.3 steps 1-4).
+    """An image → (pixel_values [N, C·tp·ps·ps] float32, grid_thws [[1, gh, gw]] int64) (official
+    Aimv2VisualTokenizer.preprocess_image).
 
     ``min_pixels``/``max_pixels`` default to the processor's (a falsy value also falls back, as in the official
     ``min_pixels or processor.min_pixels``); ``max_pixels`` is divided by ``num_images`` and ``min_pixels`` is
@@ -200,7 +208,8 @@ def _center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
 
 
 def process_image_aspectratio(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Cover-resize to the target and centre-crop to exactly ``width``×``height`` (SPEC §C.8).
+    """Cover-resize to the target and centre-crop to exactly ``width``×``height`` (official modeling_yak.py,
+    YakModel.process_image_aspectratio).
 
     r = max(W/w, H/h); resize (bicubic) to (int(r·h), int(r·w)) — truncation, so float error can leave the image one
     pixel short, which the crop then pads with zeros.
@@ -214,8 +223,9 @@ def process_image_aspectratio(img: Image.Image, width: int, height: int) -> Imag
 
 
 def condition_image(img: Image.Image, width: int, height: int, params: PreprocessParams) -> Image.Image:
-    """The image handed to the visual tokenizer in a T2I/EDIT conditioning branch, before §B.3 (SPEC §C.1):
-    fit to width×height (§C.8), then bicubic-resize to smart_resize(H, W, 28, 3136, max=processor.min_pixels).
+    """The image handed to the visual tokenizer in a T2I/EDIT conditioning branch, before preprocess_image
+    (official build_inputs of test_txt_to_img.py / test_img_edit.py): fit to width×height
+    (process_image_aspectratio), then bicubic-resize to smart_resize(H, W, 28, 3136, max=processor.min_pixels).
 
     ``params`` are the checkpoint's preprocessor settings (its ``min_pixels`` bounds this image).
     """
@@ -235,27 +245,30 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def vae_pixel_values(img: Image.Image, width: int, height: int) -> torch.Tensor:
-    """The VAE input of a generation request: §C.8 fit to width×height → to_tensor → normalize(0.5, 0.5)
-    → [1, 3, H, W] float32 in [-1, 1]."""
+    """The VAE input of a generation request: process_image_aspectratio fit to width×height → to_tensor
+    → normalize(0.5, 0.5) → [1, 3, H, W] float32 in [-1, 1]."""
     img = to_rgb(img)
     x = to_tensor(process_image_aspectratio(img, width, height))
     return x.sub(0.5).div(0.5)[None]
 
 
 def white_canvas(width: int, height: int) -> Image.Image:
-    """The RGB(255, 255, 255) image used as the T2I input and the EDIT ``no_both`` input (SPEC §C.1)."""
+    """The RGB(255, 255, 255) image used as the T2I input and the EDIT ``no_both`` input (official
+    load_blank_image of test_txt_to_img.py / test_img_edit.py)."""
     return Image.new("RGB", (width, height), (255, 255, 255))
 
 
 def edit_target_size(width: int, height: int) -> tuple[int, int]:
-    """EDIT output size (W, H) for an input of width×height (SPEC §C.3): smart_resize with factor 32 and the default
-    bounds, then both sides floored to multiples of 16 (as generate_image does)."""
+    """EDIT output size (W, H) for an input of width×height (official test_img_edit.py, pipe_img_edit):
+    smart_resize with factor 32 and the default bounds, then both sides floored to multiples of 16 (as
+    generate_image does)."""
     h, w = smart_resize(height, width, factor=EDIT_FACTOR, min_pixels=EDIT_MIN_PIXELS, max_pixels=EDIT_MAX_PIXELS)
     return 16 * (w // 16), 16 * (h // 16)
 
 
 def resize_for_edit(img: Image.Image) -> Image.Image:
-    """The EDIT input image at the output size: RGB, bicubic-resized to ``edit_target_size`` (SPEC §C.3)."""
+    """The EDIT input image at the output size: RGB, bicubic-resized to ``edit_target_size`` (official
+    test_img_edit.py, pipe_img_edit)."""
     img = to_rgb(img)
     w, h = edit_target_size(*img.size)
     return resample.resize(img, (w, h))

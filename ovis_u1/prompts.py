@@ -1,4 +1,6 @@
-"""Prompt templates and tokenization (SPEC §B.1, §B.2, §B.7, §C.1) — the one place they live.
+"""Prompt templates and tokenization — the one place they live (official configuration_ovis_u1.py,
+Qwen3ConversationFormatter; modeling_ovis_u1.py, OvisU1.preprocess_inputs and
+BaseVisualTokenizer.construct_image_placeholders; the prompts of the official test scripts).
 
 Text is formatted as Qwen3 chat turns; each turn is tokenized on its own and, inside a turn, split where an image goes
 so that every image becomes the placeholder group ``[-301, -300, -302]`` (start indicator, atom, end indicator). The
@@ -33,7 +35,8 @@ T2I_PREFIX = (
 )
 UNCONDITIONAL_TEXT = "Generate an image."
 
-# Which text and which image each classifier-free-guidance branch of a mode gets (SPEC §C.1).
+# Which text and which image each classifier-free-guidance branch of a mode gets (official test_txt_to_img.py,
+# pipe_t2i; test_img_edit.py, pipe_img_edit).
 # "canvas" = a white image of the target size, "source" = the (resized) image being edited.
 BRANCHES = {
     "t2i": {"cond": ("prompt", "canvas"), "no_both": ("unconditional", "canvas")},
@@ -59,10 +62,11 @@ def load_tokenizer(directory: str | Path, llm_vocab_size: int | None = None):
     """The checkpoint's Qwen2 tokenizer, by its concrete class, checked to be the one the prompts need.
 
     The Auto classes would read config.json's ``auto_map`` and (transformers 5.x) ask on stdin whether to run
-    remote code (SPEC §D.11), so they are never used here. transformers builds *some* tokenizer from almost any
-    subset of the files — without tokenizer.json/vocab.json/merges.txt a 5-token one that turns every prompt into
-    nothing, without tokenizer_config.json + special_tokens_map.json one whose end of turn is ``<|endoftext|>`` —
-    so the result is checked and a failure names the missing files. ``llm_vocab_size`` defaults to config.json's
+    remote code (transformers' dynamic_module_utils.resolve_trust_remote_code), so they are never used here.
+    transformers builds *some* tokenizer from almost any subset of the files — without
+    tokenizer.json/vocab.json/merges.txt a 5-token one that turns every prompt into nothing, without
+    tokenizer_config.json + special_tokens_map.json one whose end of turn is ``<|endoftext|>`` — so the result is
+    checked and a failure names the missing files. ``llm_vocab_size`` defaults to config.json's
     ``llm_config.vocab_size``.
     """
     from transformers import Qwen2TokenizerFast

@@ -1,4 +1,4 @@
-"""The token refiner ``txt_in`` of the MMDiT (SPEC §C.4).
+"""The token refiner ``txt_in`` of the MMDiT (official modeling_yak.py, SingleTokenRefiner / IndividualTokenRefiner).
 
 It turns the LLM condition [B, L, context_in_dim] into MMDiT text tokens [B, L, hidden] plus one pooled vector
 [B, hidden] (a learned CLS token prepended before the refiner blocks). Its modulation vector depends only on the

@@ -1,4 +1,5 @@
-"""Rectified-flow sampling for the MMDiT (SPEC §C.3, §C.6, §C.7 packing, §C.9 unpacking).
+"""Rectified-flow sampling for the MMDiT (official modeling_yak.py: YakModel.generate_image, get_noise,
+YakModel.get_schedule / denoise / edit_denoise; the 2×2 packing of YakModel.compute_vae_encodings; unpack).
 
 Latents are 4-channel VAE latents at 1/8 resolution, packed into 2×2 patches: a [B, 4, 2h, 2w] latent becomes
 [B, h·w, 16] tokens (token = row·w + col, feature = c·4 + py·2 + px). Time runs from 1 (noise) to 0 (data) and the
@@ -58,7 +59,8 @@ def flow_sigmas(mmdit_params, width: int, height: int, steps: int, timestep_shif
 def initial_noise(seed: int, height: int, width: int, channels: int = 4) -> Tensor:
     """The official starting noise: bf16 [1, channels, 2·⌈H/16⌉, 2·⌈W/16⌉] from a seeded CPU generator.
 
-    height/width are the output size in pixels, already floored to multiples of 16 by the caller (SPEC §C.3).
+    height/width are the output size in pixels, already floored to multiples of 16 by the caller (official
+    modeling_yak.py, YakModel.generate_image and get_noise).
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (1, channels, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))

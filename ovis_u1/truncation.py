@@ -1,4 +1,5 @@
-"""What the official left-truncation to ``multimodal_max_length`` cuts, said out loud (SPEC §B.6, §D.9).
+"""What the official left-truncation to ``multimodal_max_length`` cuts, said out loud (official
+modeling_ovis_u1.py, OvisU1.pad_truncate_sequence as OvisU1.merge_multimodal calls it, with left_padding=True).
 
 The official code keeps the LAST ``multimodal_max_length`` positions of the merged sequence and says nothing: an
 ordinary photo in an understanding prompt can lose the chat header and its top rows, a long prompt can lose the image

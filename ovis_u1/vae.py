@@ -1,7 +1,8 @@
 """SDXL-structured AutoencoderKL (``visual_generator.vae``), written without diffusers.
 
 Parameter names follow the current diffusers layout exactly, so the checkpoint's ``visual_generator.vae.*`` tensors
-load with strict key matching (legacy ``query/key/value/proj_attn`` attention names are accepted, SPEC §A.3).
+load with strict key matching (legacy ``query/key/value/proj_attn`` attention names are accepted, as diffusers'
+``ModelMixin._convert_deprecated_attention_blocks`` renames them on load).
 
 Structure (diffusers 0.31 ``AutoencoderKL`` with ``DownEncoderBlock2D`` / ``UpDecoderBlock2D``):
 
@@ -15,7 +16,8 @@ Structure (diffusers 0.31 ``AutoencoderKL`` with ``DownEncoderBlock2D`` / ``UpDe
 All GroupNorms use eps 1e-6. In half precision GroupNorm and the attention run in fp32 and cast back, so a bf16 VAE
 gives sane output on any device; in fp32 the computation is operation-for-operation the one of diffusers.
 
-The scaling/shift factors are applied outside: :func:`vae_to_latent` / :func:`latent_to_vae` (SPEC §C.7, §C.9).
+The scaling/shift factors are applied outside: :func:`vae_to_latent` / :func:`latent_to_vae` (official
+modeling_yak.py, YakModel.compute_vae_encodings and generate_image).
 
 Every layer comes from the ``operations`` namespace given to :class:`AutoencoderKL` (default ``torch.nn``; see
 :mod:`ovis_u1.operations`); the GroupNorms are the namespace's GroupNorm with the pack's math (it differs in half
@@ -338,6 +340,7 @@ def latent_to_vae(latent: torch.Tensor, params) -> torch.Tensor:
 
 
 def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
-    """Decoded image [B, 3, H, W] → uint8 [B, H, W, 3]: clamp(−1, 1), 127.5·(x + 1), truncating cast (SPEC §C.9)."""
+    """Decoded image [B, 3, H, W] → uint8 [B, H, W, 3]: clamp(−1, 1), 127.5·(x + 1), truncating cast (official
+    modeling_yak.py, YakModel.generate_image)."""
     x = x.detach().float().clamp(-1.0, 1.0)
     return (127.5 * (x + 1.0)).byte().permute(0, 2, 3, 1).contiguous()

@@ -1,4 +1,5 @@
-"""AIMv2 native-resolution encoder and the probabilistic visual tokenizer head (SPEC §B.4, §B.5).
+"""AIMv2 native-resolution encoder and the probabilistic visual tokenizer head (official modeling_aimv2.py,
+AIMv2Model; modeling_ovis_u1.py, Aimv2VisualTokenizer).
 
 Module names mirror the checkpoint keys under ``visual_tokenizer.``:
 ``backbone.preprocessor.{pos_embed, patchifier.{proj, norm}}``, ``backbone.trunk.blocks.{i}.{norm_1, attn.{qkv, proj},
@@ -26,11 +27,13 @@ from .config import VisionParams
 from .math import rms_norm
 from .operations import cast_to_of, namespace_layer, plain_cast_weights
 
-NUM_INDICATOR_TOKENS = 4  # vte rows V-4..V-1 are reserved for the image indicators (SPEC §B.5/§B.6)
+# vte rows V-4..V-1 are reserved for the image indicators (official modeling_ovis_u1.py: IMAGE_INDICATOR_IDS,
+# Aimv2VisualTokenizer.forward, OvisU1.merge_multimodal)
+NUM_INDICATOR_TOKENS = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pure functions: geometry of a batch of images (SPEC §B.4)
+# Pure functions: geometry of a batch of images (official modeling_aimv2.py, AIMv2Transformer)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def grid_list(grid_thws: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]:
@@ -40,14 +43,16 @@ def grid_list(grid_thws: torch.Tensor | list) -> tuple[tuple[int, int, int], ...
 
 
 def raster_to_merge_order(x: torch.Tensor, t: int, h: int, w: int, stride: int) -> torch.Tensor:
-    """Reorder per-patch rows [t·h·w, ...] from raster order to 2×2 merge-group order (SPEC §B.3 step 4)."""
+    """Reorder per-patch rows [t·h·w, ...] from raster order to 2×2 merge-group order (official
+    Aimv2VisualTokenizer.preprocess_image)."""
     rest = x.shape[1:]
     x = x.reshape(t, h // stride, stride, w // stride, stride, *rest)
     return x.transpose(2, 3).reshape(t * h * w, *rest)
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, h: int, w: int, method: str) -> torch.Tensor:
-    """The original AIMv2 positional table [1, P, D] resampled to an h×w grid → [h·w, D] in raster order (§B.4).
+    """The original AIMv2 positional table [1, P, D] resampled to an h×w grid → [h·w, D] in raster order (official
+    modeling_aimv2.py, AIMv2ViTPreprocessor.forward).
 
     ``one_dim``: the raster-ordered table treated as a 1-D sequence, linearly interpolated to length h·w.
     ``two_dim``: the table as a √P×√P image, bicubically interpolated to (h, w). Both use align_corners=False and
@@ -66,13 +71,15 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, h: int, w: int, method: str) 
 
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
-    """Inverse frequencies of the 2-D vision RoPE: 1/θ^(2j/(head_dim/2)), j < head_dim/4, fp32 (§B.4)."""
+    """Inverse frequencies of the 2-D vision RoPE: 1/θ^(2j/(head_dim/2)), j < head_dim/4, fp32 (official
+    modeling_aimv2.py, VisionRotaryEmbedding)."""
     dim = head_dim // 2
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
 
 def rope_angles(grids, head_dim: int, stride: int, device=None) -> torch.Tensor:
-    """RoPE angles [N, head_dim/2] fp32 for every patch in merge-group order: [row·inv_freq, col·inv_freq] (§B.4)."""
+    """RoPE angles [N, head_dim/2] fp32 for every patch in merge-group order: [row·inv_freq, col·inv_freq] (official
+    modeling_aimv2.py, AIMv2Transformer.rot_pos_emb)."""
     inv_freq = rope_inv_freq(head_dim, device=device)
     rows, cols = [], []
     for t, h, w in grids:
@@ -86,7 +93,8 @@ def rope_angles(grids, head_dim: int, stride: int, device=None) -> torch.Tensor:
 
 
 def window_index(grids, window: int, stride: int) -> tuple[torch.Tensor, list[int]]:
-    """Window order of the merge groups and the windows' lengths in patches (SPEC §B.4, MA:get_window_index).
+    """Window order of the merge groups and the windows' lengths in patches (official modeling_aimv2.py,
+    AIMv2Transformer.get_window_index).
 
     The merged grid (h/stride, w/stride) of every frame is tiled by ``window``×``window`` windows in raster order,
     groups raster inside each window; windows at the right/bottom edge are smaller. Returns ``index`` (position in
@@ -134,7 +142,8 @@ class VisualGeometry:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (non-interleaved) RoPE over the whole head in fp32: x [N, H, D], cos/sin [N, D] (§B.4)."""
+    """Rotate-half (non-interleaved) RoPE over the whole head in fp32: x [N, H, D], cos/sin [N, D] (official
+    modeling_aimv2.py, apply_rotary_pos_emb_flashatt)."""
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
@@ -142,7 +151,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def visual_embeddings(probs: torch.Tensor, vte: nn.Module, cast_weights=plain_cast_weights) -> torch.Tensor:
-    """Soft visual embeddings ``probs @ vte.weight`` [N/4, V] × [V, H] → [N/4, H] (SPEC §B.5, MOU:VisualEmbedding).
+    """Soft visual embeddings ``probs @ vte.weight`` [N/4, V] × [V, H] → [N/4, H] (official
+    modeling_ovis_u1.py, VisualEmbedding.forward).
 
     Computed in the dtype and on the device of ``probs``: the table is read through ``cast_weights`` (the
     namespace's cast of the embedding layer; it may be stored in fp8 or kept on an offload device).
@@ -156,8 +166,9 @@ def visual_embeddings(probs: torch.Tensor, vte: nn.Module, cast_weights=plain_ca
 # ---------------------------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm with statistics in fp32, cast back to the input dtype, then times ``weight`` (§B.4); built from a
-    namespace by :func:`norm`, it reads its weight through the namespace's cast."""
+    """RMSNorm with statistics in fp32, cast back to the input dtype, then times ``weight`` (official
+    modeling_aimv2.py, RMSNorm); built from a namespace by :func:`norm`, it reads its weight through the namespace's
+    cast."""
 
     cast_weights = staticmethod(plain_cast_weights)
 
@@ -171,7 +182,8 @@ def norm(dim: int, eps: float, operations=nn) -> RMSNorm:
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d(C→D, k=s=patch) on every 588-vector viewed as (C, ps, ps), then RMSNorm (§B.4).
+    """Conv2d(C→D, k=s=patch) on every 588-vector viewed as (C, ps, ps), then RMSNorm (official modeling_aimv2.py,
+    AIMv2PatchEmbed).
 
     Kept as a convolution: on the goldens it is bit-exact, while the equivalent matmul with the flattened kernel
     differs by ~6e-6 after the trunk (different reduction order).
@@ -193,7 +205,8 @@ class PatchEmbed(nn.Module):
 
 
 class Preprocessor(nn.Module):
-    """Patch embedding + the interpolated original positional embedding in merge-group order (§B.4)."""
+    """Patch embedding + the interpolated original positional embedding in merge-group order (official
+    modeling_aimv2.py, AIMv2ViTPreprocessor)."""
 
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
@@ -218,7 +231,8 @@ class Preprocessor(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with 2-D RoPE over given segments (windows or whole images) (§B.4)."""
+    """Multi-head self-attention with 2-D RoPE over given segments (windows or whole images) (official
+    modeling_aimv2.py, AIMv2FlashAttention2)."""
 
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
@@ -236,7 +250,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """fc2(silu(fc1(x)) ⊙ fc3(x)) (§B.4)."""
+    """fc2(silu(fc1(x)) ⊙ fc3(x)) (official modeling_aimv2.py, AIMv2SwiGLUFFN)."""
 
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
@@ -249,7 +263,8 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x += attn(norm_1(x)); x += mlp(norm_2(x)) (§B.4)."""
+    """Pre-norm transformer block: x += attn(norm_1(x)); x += mlp(norm_2(x)) (official modeling_aimv2.py,
+    AIMv2Block)."""
 
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
@@ -264,7 +279,8 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    """The AIMv2 blocks, run in window order; ``post_trunk_norm`` is stored but not applied (§B.4)."""
+    """The AIMv2 blocks, run in window order; ``post_trunk_norm`` is stored but not applied (official
+    modeling_aimv2.py, AIMv2Transformer.forward)."""
 
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
@@ -287,7 +303,8 @@ class Trunk(nn.Module):
 
 
 class AIMv2Backbone(nn.Module):
-    """``visual_tokenizer.backbone``: preprocessor (patch embed + PE) and trunk (§B.4)."""
+    """``visual_tokenizer.backbone``: preprocessor (patch embed + PE) and trunk (official modeling_aimv2.py,
+    AIMv2Model)."""
 
     def __init__(self, p: VisionParams, operations=nn):
         super().__init__()
@@ -296,7 +313,8 @@ class AIMv2Backbone(nn.Module):
 
 
 class VisualTokenizer(nn.Module):
-    """``visual_tokenizer``: AIMv2 backbone + head Linear(4·D → V−4) → LayerNorm → softmax (§B.4, §B.5)."""
+    """``visual_tokenizer``: AIMv2 backbone + head Linear(4·D → V−4) → LayerNorm → softmax (official
+    modeling_ovis_u1.py, Aimv2VisualTokenizer)."""
 
     def __init__(self, params: VisionParams, operations=nn):
         super().__init__()
@@ -319,7 +337,8 @@ class VisualTokenizer(nn.Module):
 
     def encode(self, pixel_values: torch.Tensor, grid_thws) -> torch.Tensor:
         """pixel_values [N, C·ps·ps], grid_thws [n_img, 3] → last-block features [N, D] in merge-group order
-        (un-permuted, without post_trunk_norm; images attend only within themselves) (§B.4)."""
+        (un-permuted, without post_trunk_norm; images attend only within themselves) (official
+        modeling_aimv2.py, AIMv2Transformer.forward; modeling_ovis_u1.py, Aimv2VisualTokenizer.encode)."""
         grids = grid_list(grid_thws)
         expected = sum(t * h * w for t, h, w in grids)
         if pixel_values.shape[0] != expected:
@@ -328,15 +347,18 @@ class VisualTokenizer(nn.Module):
         return self.backbone.trunk(x, self.geometry(grids, x.device))
 
     def merge(self, features: torch.Tensor) -> torch.Tensor:
-        """Concatenate the s² patches of every merge group: [N, D] → [N/s², s²·D] (§B.5)."""
+        """Concatenate the s² patches of every merge group: [N, D] → [N/s², s²·D] (official
+        Aimv2VisualTokenizer.encode)."""
         return features.reshape(features.shape[0] // self.params.hidden_stride ** 2, -1)
 
     def head_logits(self, merged: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(Linear(merged)) [N/s², V−4] — the logits the softmax is taken over (§B.5)."""
+        """LayerNorm(Linear(merged)) [N/s², V−4] — the logits the softmax is taken over (official
+        Aimv2VisualTokenizer.forward; the head built in BaseVisualTokenizer.__init__)."""
         return self.head(merged)
 
     def tokenize(self, logits: torch.Tensor) -> torch.Tensor:
-        """softmax in fp32, cast back, plus 4 zero indicator columns → [N/s², V] (§B.5).
+        """softmax in fp32, cast back, plus 4 zero indicator columns → [N/s², V] (official
+        BaseVisualTokenizer.tokenize, Aimv2VisualTokenizer.forward).
 
         As in the official ``tokenize_function == 'softmax'`` branch, ``tau`` is not applied (it only scales the
         gumbel variant, which inference never uses).
@@ -345,5 +367,6 @@ class VisualTokenizer(nn.Module):
         return F.pad(probs, (0, NUM_INDICATOR_TOKENS))
 
     def forward(self, pixel_values: torch.Tensor, grid_thws) -> torch.Tensor:
-        """pixel_values, grid_thws → visual-word probabilities [N/s², V] (§B.5)."""
+        """pixel_values, grid_thws → visual-word probabilities [N/s², V] (official
+        Aimv2VisualTokenizer.forward)."""
         return self.tokenize(self.head_logits(self.merge(self.encode(pixel_values, grid_thws))))

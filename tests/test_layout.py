@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import ast
 import importlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.pack import ROOT
 
 COMFY_MODULES = {"comfy", "comfy_extras", "folder_paths", "latent_preview", "server", "execution", "comfy_api"}
 FORBIDDEN_EVERYWHERE = {"diffusers", "torchvision"}
+# Citations of the team's internal specification, which a reader of the repository cannot open (built from parts so
+# that this file does not match itself).
+UNPUBLISHED_CITATIONS = ("SPEC" + " §", "SPEC" + ".md")
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -64,3 +70,38 @@ def test_everything_imports_without_comfyui_or_flash_attn():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "9"
     assert importlib.import_module("ovis_u1").load_model
+
+
+def tracked_text_files() -> list[Path]:
+    """Every file git tracks in the repository, as text; binary files (a NUL byte or not UTF-8) are left out."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    out = subprocess.run(["git", "ls-files", "-z"], capture_output=True, cwd=ROOT, timeout=60, check=True)
+    files = []
+    for name in out.stdout.decode().split("\0"):
+        path = ROOT / name
+        if not name or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        files.append(path)
+    return files
+
+
+def test_no_file_cites_the_unpublished_spec():
+    """Comments cite what a reader can open (the Ovis-U1 paper, the official code, ComfyUI/diffusers/transformers
+    source), never the team's internal specification."""
+    offenders = []
+    for path in tracked_text_files():
+        text = path.read_text(encoding="utf-8")
+        for number, line in enumerate(text.splitlines(), 1):
+            if any(needle in line for needle in UNPUBLISHED_CITATIONS):
+                offenders.append(f"{path.relative_to(ROOT).as_posix()}:{number}: {line.strip()}")
+    if offenders and all(o.startswith("nodes/") for o in offenders):
+        pytest.xfail("nodes/ is being rewritten by the lead")  # only nodes/ still cites it; anything else fails
+    assert not offenders, "cite the paper or the official code instead:\n" + "\n".join(offenders)

@@ -1,4 +1,6 @@
-"""Golden parity of the image preprocessing (SPEC §B.3, §C.1, §C.3, §C.8) and the visual tokenizer (§B.4, §B.5)."""
+"""Golden parity of the image preprocessing (official modeling_ovis_u1.py Aimv2VisualTokenizer.preprocess_image, the
+build_inputs / pipe_img_edit of the official test scripts, modeling_yak.py YakModel.process_image_aspectratio) and the
+visual tokenizer (official modeling_aimv2.py AIMv2Model, modeling_ovis_u1.py Aimv2VisualTokenizer)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def _pixels_equal(actual: Image.Image, expected_path) -> None:
 
 
 def _branch_inputs(case: str) -> tuple[int, int, dict[str, Image.Image]]:
-    """(W, H, {branch: image handed to that branch}) as the official T2I / EDIT scripts build them (§C.1)."""
+    """(W, H, {branch: image handed to that branch}) as the official T2I / EDIT scripts build them (build_inputs
+    of test_txt_to_img.py / test_img_edit.py)."""
     if case == "t2i":
         params = manifest()["cases"]["t2i"]["params"]
         w, h = params["width"], params["height"]
