@@ -1,16 +1,11 @@
-"""The ComfyUI nodes of ComfyUI-Ovis-U1. Each node only adapts ComfyUI types to the ``ovis_u1`` library."""
+"""The ComfyUI nodes of ComfyUI-Ovis-U1. Each node reads its inputs, calls the library or the bridge, and returns
+ComfyUI's own types (MODEL, VAE, CONDITIONING, LATENT, IMAGE) besides the encoder."""
 
 from . import comfy_bridge
-from .generate import (
-    OvisU1EditContextEncoder,
-    OvisU1EncodeCondition,
-    OvisU1Refiner,
-    OvisU1Sampler,
-    OvisU1VAEDecode,
-    OvisU1VAEEncode,
-)
+from .condition import OvisU1EncodeCondition, OvisU1Refiner
+from .edit import OvisU1EditContextEncoder
 from .loader import OvisU1ModelLoader
-from .native import OvisU1Scheduler
+from .sampler import OvisU1Sampler, OvisU1Scheduler
 from .understand import OvisU1Understand
 
 comfy_bridge.register_model_folder()
@@ -22,8 +17,6 @@ NODE_CLASS_MAPPINGS = {
     "OvisU1Refiner": OvisU1Refiner,
     "OvisU1EditContextEncoder": OvisU1EditContextEncoder,
     "OvisU1Sampler": OvisU1Sampler,
-    "OvisU1VAEDecode": OvisU1VAEDecode,
-    "OvisU1VAEEncode": OvisU1VAEEncode,
     "OvisU1Scheduler": OvisU1Scheduler,
 }
 
@@ -34,8 +27,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OvisU1Refiner": "Ovis-U1 Refiner",
     "OvisU1EditContextEncoder": "Ovis-U1 Edit Context Encoder",
     "OvisU1Sampler": "Ovis-U1 MMDiT Sampler",
-    "OvisU1VAEDecode": "Ovis-U1 VAE Decode",
-    "OvisU1VAEEncode": "Ovis-U1 VAE Encode",
     "OvisU1Scheduler": "Ovis-U1 Scheduler",
 }
 

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovis_u1 import OvisU1InputError
-from ovis_u1.inputs import check_finite, check_image_area, check_not_empty
-from ovis_u1.model import MAX_ENCODE_PIXELS
+from ..ovis_u1 import OvisU1InputError
+from ..ovis_u1.inputs import check_finite, check_image_area, check_not_empty
+from ..ovis_u1.model import MAX_ENCODE_PIXELS
 
 
 def _check(image, name: str) -> torch.Tensor:

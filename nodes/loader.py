@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ovis_u1 import CheckpointError
+from ..ovis_u1 import CheckpointError
 
 from . import comfy_bridge as bridge
 
-MODEL_TYPE = "OVIS_U1_MODEL"
+ENCODER_TYPE = "OVIS_U1_ENCODER"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "flash_attn")
 
@@ -26,18 +26,19 @@ class OvisU1ModelLoader:
     DESCRIPTION = (
         "Loads an Ovis-U1 checkpoint folder (Hugging Face layout, e.g. ATH-MaaS/Ovis-U1-3B, formerly "
         "AIDC-AI/Ovis-U1-3B) from models/ovis_u1. "
-        "Nothing is downloaded. The model joins ComfyUI's memory management in three parts (LLM + visual encoder, "
-        "MMDiT, VAE), each moved to the GPU only while a node uses it, partially when it does not fit. Also returns "
-        "the MMDiT as a core MODEL and the VAE as a core VAE for ComfyUI's own sampler and VAE nodes."
+        "Nothing is downloaded. Gives three parts, each joining ComfyUI's memory management (moved to the GPU only "
+        "while a node uses it, partially when it does not fit): the encoder (LLM + visual encoder + tokenizer), the "
+        "MMDiT as a core MODEL and the VAE as a core VAE."
     )
     CATEGORY = "Ovis-U1"
-    RETURN_TYPES = (MODEL_TYPE, "MODEL", "VAE")
-    RETURN_NAMES = ("model", "diffusion_model", "vae")
+    RETURN_TYPES = (ENCODER_TYPE, "MODEL", "VAE")
+    RETURN_NAMES = ("encoder", "model", "vae")
     OUTPUT_TOOLTIPS = (
-        "The Ovis-U1 model, for every other Ovis-U1 node.",
-        "The MMDiT as a core MODEL (same weights) for KSampler, SamplerCustomAdvanced, guiders, EasyCache, ...; "
-        "condition it with the CONDITIONING outputs of 'Ovis-U1 Encode Condition'.",
-        "The checkpoint's VAE as a core VAE (fp32) for VAEDecode, VAEDecodeTiled and VAEEncode.",
+        "The LLM, visual encoder and tokenizer, for 'Ovis-U1 Understand' and 'Ovis-U1 Encode Condition'.",
+        "The MMDiT as a core MODEL for 'Ovis-U1 MMDiT Sampler' and ComfyUI's own samplers, guiders, LoRA loaders "
+        "(LoraLoaderModelOnly), patches and caches; condition it with 'Ovis-U1 Encode Condition'.",
+        "The checkpoint's VAE as a core VAE (fp32) for VAEDecode, VAEDecodeTiled, VAEEncode and 'Ovis-U1 Edit "
+        "Context Encoder'.",
     )
     FUNCTION = "load"
 
@@ -95,8 +96,6 @@ class OvisU1ModelLoader:
         storage = bridge.WEIGHT_DTYPES[weight_dtype]
         torch_dtype = DTYPES[dtype] or bridge.auto_dtype()
         try:
-            ovis = bridge.load_ovis(path, torch_dtype, weight_dtype=storage, attention=attention)
+            return bridge.load(path, torch_dtype, weight_dtype=storage, attention=attention, name=model)
         except CheckpointError as e:
             raise CheckpointError(f"model {model!r}: {e}") from e
-        managed = bridge.ManagedModel(ovis, attention=attention, name=model, dtype=torch_dtype, weight_dtype=storage)
-        return (managed, managed.core_model, managed.core_vae)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
+from ..ovis_u1 import estimates
 
 from . import comfy_bridge as bridge
-from . import estimates
 from .image import to_pil_list
-from .loader import MODEL_TYPE
+from .loader import ENCODER_TYPE
 
 
 class OvisU1Understand:
@@ -28,7 +27,7 @@ class OvisU1Understand:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (MODEL_TYPE, {"tooltip": "The Ovis-U1 model from 'Ovis-U1 Model Loader'."}),
+                "encoder": (ENCODER_TYPE, {"tooltip": "The 'encoder' output of 'Ovis-U1 Model Loader'."}),
                 "question": ("STRING", {
                     "multiline": True, "default": "Describe this image in detail.",
                     "tooltip": "The question or request; it must not be empty. Without an image any text, e.g. a short "
@@ -72,15 +71,14 @@ class OvisU1Understand:
             },
         }
 
-    def understand(self, model, question, max_new_tokens=1024, do_sample=False, temperature=1.0, top_p=1.0,
+    def understand(self, encoder, question, max_new_tokens=1024, do_sample=False, temperature=1.0, top_p=1.0,
                    seed=0, image=None, instruction=""):
         images = to_pil_list(image, "image") if image is not None else None
         progress = bridge.Progress(max_new_tokens)
-        dtype = getattr(model, "dtype", None) or torch.float32  # the compute dtype (weights may be stored in fp8)
-        memory = estimates.understand_request_memory(model.model.params, images, f"{instruction or ''}{question}",
-                                                     max_new_tokens, bridge.dtype_size(dtype),
-                                                     getattr(model, "attention", "auto"))
-        ovis = model.use("llm", memory)
+        memory = estimates.understand_request_memory(encoder.params, images, f"{instruction or ''}{question}",
+                                                     max_new_tokens, bridge.dtype_size(encoder.dtype),
+                                                     encoder.attention)
+        ovis = encoder.load(memory)
         result = ovis.understand(
             images, question, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_p=top_p, seed=seed, on_token=lambda done, total: progress.update(done), instruction=instruction,

@@ -162,8 +162,8 @@ def understand_request_memory(params, images, text: str, max_new_tokens: int, nb
     """:func:`understand_memory` for one request to a model of ``params`` (``ovis_u1.config.OvisU1Params``): the
     images as the preprocessor resizes them; ``text`` (instruction + question) bounds the prompt's tokens by its
     UTF-8 bytes (no token is shorter than one byte)."""
-    from ovis_u1.llm import qwen3_params
-    from ovis_u1.preprocess import smart_resize
+    from .llm import qwen3_params
+    from .preprocess import smart_resize
 
     v, pre = params.vision, params.preprocess
     factor = pre.patch_size * pre.hidden_stride
@@ -180,3 +180,30 @@ def understand_request_memory(params, images, text: str, max_new_tokens: int, nb
         llm.num_key_value_heads, llm.head_dim, v.hidden_size, v.intermediate_size, v.num_heads, v.vocab_size,
         patches, visual, prompt, int(max_new_tokens), nbytes, scores=pack_kernel_scores(attention),
     )
+
+
+def condition_request_memory(params, mode: str, width: int | None, height: int | None, nbytes: int,
+                             attention="auto") -> int:
+    """:func:`condition_memory` for one Encode Condition request: the condition image is resized to the
+    preprocessor's pixel budget, every branch (2 for text-to-image, 3 for an edit) carries its visual tokens plus the
+    prompt."""
+    from .llm import qwen3_params
+
+    pixels = params.preprocess.max_pixels
+    if isinstance(width, int) and isinstance(height, int):
+        pixels = min(pixels, width * height)
+    v = params.vision
+    patches = max(1, pixels // v.patch_size**2)
+    text = min(params.multimodal_max_length, patches // v.hidden_stride**2 + 512)
+    llm = qwen3_params(params.llm_config)
+    return condition_memory(llm.hidden_size, llm.intermediate_size, llm.num_attention_heads, v.hidden_size,
+                            v.intermediate_size, v.num_heads, 3 if mode == "edit" else 2, text, patches, nbytes,
+                            scores=pack_kernel_scores(attention))
+
+
+def refiner_request_memory(mmdit_params, text_lengths: list[int], nbytes: int, scores: str = SCORES_NONE) -> int:
+    """The token refiner over conditionings of ``text_lengths`` tokens, one pass each (the longest counts)."""
+    p = mmdit_params
+    longest = max(text_lengths, default=1)
+    return transformer_block_memory(longest, p.hidden_size, 2 * int(p.hidden_size * p.mlp_ratio), p.num_heads,
+                                    nbytes, score_tokens=longest, scores=scores)

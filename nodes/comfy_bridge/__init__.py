@@ -1,11 +1,19 @@
 """The only package of the pack that touches ComfyUI internals.
 
 Every use is optional: without ComfyUI (CI, a plain Python shell) model folders come from
-``ovis_u1.checkpoint.default_model_roots`` ($OVIS_U1_MODELS_DIR, ./models/ovis_u1, the surrounding ComfyUI's),
-everything runs on the CPU in fp32, and there is no progress bar, no preview and no interruption. Inside ComfyUI the three parts of a loaded model (LLM + visual encoder, MMDiT, VAE) are built from ComfyUI's
-operations (``comfy.ops``) and wrapped in patchers (``memory``), so ComfyUI's model management moves them to the GPU
-when a node needs them, loads them partially and streams the rest when they do not fit, and offloads or frees them
-when another model needs the memory. ``native`` makes the MMDiT a core MODEL and the VAE a core VAE.
+``ovis_u1.checkpoint.default_model_roots`` ($OVIS_U1_MODELS_DIR, ./models/ovis_u1, the surrounding ComfyUI's), the
+encoder (LLM + visual encoder) runs on the CPU in fp32, and there is no progress bar and no interruption.
+
+Inside ComfyUI a loaded checkpoint is built from ComfyUI's operations (``comfy.ops``) and becomes three things ComfyUI's
+model management moves to the GPU when a node needs them, loads partially (streaming the rest) when they do not fit,
+and offloads when another model needs the memory:
+
+* ``memory``: the encoder (LLM, visual encoder, tokenizer) under its own patcher, for Understand and Encode Condition;
+* ``core_model``: the MMDiT as a core MODEL (``conditioning``: what its CONDITIONING holds);
+* ``core_vae``: the VAE as a core VAE.
+
+``sampling`` runs the official recipe on ComfyUI's samplers, ``lora`` lets core's LoRA loaders find the MMDiT's
+layers under the names LoRA trainers give them, ``attention`` hands ComfyUI's attention selection to the library.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ovis_u1.checkpoint import default_model_roots, find_model_dirs
+from ...ovis_u1 import OvisU1InputError
+from ...ovis_u1.checkpoint import default_model_roots, find_model_dirs
 
 try:  # ComfyUI's own modules; absent outside ComfyUI
     import comfy.model_management as mm
@@ -90,6 +99,15 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def latent_size(latent, name: str = "latent") -> tuple[int, int]:
+    """(width, height) in pixels of a LATENT of images."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] == 0:
+        raise OvisU1InputError(f"{name}: expected a LATENT of images [B, 4, H/8, W/8]; connect an EmptyLatentImage or "
+                               "the 'latent' output of 'Ovis-U1 Edit Context Encoder'")
+    return samples.shape[-1] * 8, samples.shape[-2] * 8
+
+
 # ------------------------------------------------------------------------------------ progress and interruption
 def check_interrupt() -> None:
     """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
@@ -98,34 +116,16 @@ def check_interrupt() -> None:
 
 
 class Progress:
-    """A ProgressBar on the running node, checking for interruption on every update; ``latent_preview=True`` also
-    sends previews of the SDXL-VAE latents (scaled, [1, 4, h, w]) passed to ``update``."""
+    """A ProgressBar on the running node, checking for interruption on every update."""
 
-    def __init__(self, total: int, latent_preview: bool = False):
+    def __init__(self, total: int):
         self.total = total
         self.bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
-        self.previewer = None
-        if self.bar is not None and latent_preview:
-            try:
-                import latent_preview
-                from comfy.latent_formats import SDXL
 
-                self.previewer = latent_preview.get_previewer(load_device(), SDXL())
-            except (ImportError, AttributeError) as e:  # an older or newer ComfyUI without this API: no previews
-                log.debug("Ovis-U1: latent previews unavailable (%s)", e)
-
-    @property
-    def previews(self) -> bool:
-        return self.previewer is not None
-
-    def update(self, done: int, latent: torch.Tensor | None = None) -> None:
+    def update(self, done: int) -> None:
         check_interrupt()
-        if self.bar is None:
-            return
-        preview = None
-        if self.previewer is not None and latent is not None and latent.ndim == 4 and latent.shape[1] == 4:
-            preview = self.previewer.decode_latent_to_preview_image("JPEG", latent.float())
-        self.bar.update_absolute(done, self.total, preview)
+        if self.bar is not None:
+            self.bar.update_absolute(done, self.total)
 
     def finish(self) -> None:
         """Fill the bar (generation may stop before ``total``); never interrupts finished work."""
@@ -133,4 +133,8 @@ class Progress:
             self.bar.update_absolute(self.total, self.total)
 
 
-from .memory import WEIGHT_DTYPES, ManagedModel, load_ovis  # noqa: E402  (needs the helpers above)
+from .memory import WEIGHT_DTYPES, OvisU1Encoder, load  # noqa: E402  (needs the helpers above)
+
+if IN_COMFYUI:
+    from . import core_model, core_vae, sampling  # noqa: E402,F401
+

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import comfy.ldm.modules.attention as comfy_attention
 
-from ovis_u1.attention import Kernel
+from ...ovis_u1.attention import Kernel
 
 NAME = "comfy"
 

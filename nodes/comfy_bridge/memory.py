@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from ovis_u1 import load_model
+from ...ovis_u1 import load_model
 
 from . import IN_COMFYUI, load_device, offload_device
 
@@ -91,11 +91,14 @@ def cast_layer_weights(layer: nn.Module, like: torch.Tensor):
 
 
 def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto"):
-    """``ovis_u1.load_model`` with ComfyUI's operations (inside ComfyUI) and the weight-storage choice, on the
-    offload device: ComfyUI moves each part to the GPU when a node uses it."""
+    """``ovis_u1.load_model`` with ComfyUI's operations and the MMDiT class of the core MODEL (inside ComfyUI) and
+    the weight-storage choice, on the offload device: ComfyUI moves each part to the GPU when a node uses it."""
     kwargs = {}
     if IN_COMFYUI:
+        from .core_model import OvisU1MMDiT
+
         kwargs["operations"] = comfy_operations(dtype, weight_dtype)
+        kwargs["mmdit_class"] = OvisU1MMDiT
     if weight_dtype is not None:
         kwargs["weight_dtype"] = weight_dtype
     return load_model(path, device=offload_device(), dtype=dtype, attention=attention, **kwargs)
@@ -105,69 +108,61 @@ class OvisU1LLM(nn.Module):
     """The language model, visual encoder and visual embedding table (shared with the OvisU1 module)."""
 
 
-def _container(cls, **children) -> nn.Module:
-    module = cls()
-    for name, child in children.items():
-        module.add_module(name, child)  # the same module objects: moving the part moves the model's weights
-    return module
-
-
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the distinct tensors (tied weights count once)."""
     seen = {t.data_ptr(): t.nelement() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
     return sum(seen.values())
 
 
-class ManagedModel:
-    """What flows through an ``OVIS_U1_MODEL`` socket: the OvisU1 module, its attention choice, and (in ComfyUI) one
-    patcher per part. The MMDiT's patcher wraps the core MODEL (``native.OvisU1Native``) and the VAE's is the one of
-    the core VAE, so the pack's own nodes and ComfyUI's samplers and VAE nodes share one copy of the weights and one
-    record of where they are."""
+class OvisU1Encoder:
+    """What flows through an ``OVIS_U1_ENCODER`` socket: the loaded OvisU1 (its LLM, visual encoder and tokenizer are
+    what Understand and Encode Condition run), its compute dtype and attention choice, and in ComfyUI one patcher over
+    those parts. The MMDiT and the VAE of the same OvisU1 travel as the core MODEL and VAE."""
 
-    def __init__(self, model, attention: str = "auto", name: str = "", dtype: torch.dtype | None = None,
-                 weight_dtype: str | None = None):
+    def __init__(self, model, attention: str = "auto", name: str = "", dtype: torch.dtype | None = None):
         self.model = model
         self.attention = attention
         self.name = name
         self.dtype = dtype or torch.float32
-        self.weight_dtype = weight_dtype
-        self.patchers = {}
-        self.core_model = None  # the MMDiT as a core MODEL (a patcher), inside ComfyUI
-        self.core_vae = None  # the VAE as a core VAE, inside ComfyUI
+        self.patcher = None
         if IN_COMFYUI:
-            from .attention import comfy_kernel
-            from .native import make_core_model, make_core_vae
+            llm = OvisU1LLM()
+            for part, module in (("llm", model.llm), ("visual_tokenizer", model.visual_tokenizer), ("vte", model.vte)):
+                llm.add_module(part, module)  # the same modules: moving the patcher's model moves the OvisU1's
+            self.patcher = patcher_class()(llm, load_device=load_device(), offload_device=offload_device(),
+                                           size=weight_bytes(llm))
 
-            if attention == "auto":  # ComfyUI's selection (its flags); sdpa / flash_attn force the pack's own
-                model.set_attention(comfy_kernel())
+    @property
+    def params(self):
+        return self.model.params
 
-            llm = _container(OvisU1LLM, llm=model.llm, visual_tokenizer=model.visual_tokenizer, vte=model.vte)
-            self.patchers["llm"] = patcher_class()(
-                llm, load_device=load_device(), offload_device=offload_device(), size=weight_bytes(llm)
-            )
-            self.core_model = make_core_model(model, self.dtype, weight_dtype)
-            self.patchers["mmdit"] = self.core_model
-            self.core_vae = make_core_vae(model)
-            self.patchers["vae"] = self.core_vae.patcher
+    def load(self, memory_required: int = 0):
+        """Make the LLM and visual encoder ready to run and return the OvisU1 module.
 
-    def use(self, part: str, memory_required: int = 0):
-        """Make ``part`` ready to run and return the OvisU1 module.
-
-        ``memory_required`` (bytes of activations) lets ComfyUI offload other models first, the other parts of this
-        one included, and load this part only partially when weights + activations do not fit.
+        ``memory_required`` (bytes of activations) lets ComfyUI offload other models first (the MMDiT and the VAE
+        included) and load these parts only partially when weights + activations do not fit.
         """
-        patcher = self.patchers.get(part)
-        if patcher is not None:
-            mm.load_models_gpu([patcher], memory_required=memory_required)
-            # A partial load leaves some weights on the offload device: tell the library where the part computes,
+        if self.patcher is not None:
+            mm.load_models_gpu([self.patcher], memory_required=memory_required)
+            # A partial load leaves some weights on the offload device: tell the library where the parts compute,
             # so its inputs go to the GPU and the remaining weights are cast there layer by layer.
-            for module in self._modules_of(part):
-                module.execution_device = patcher.load_device
+            for module in (self.model.llm, self.model.visual_tokenizer, self.model.vte):
+                module.execution_device = self.patcher.load_device
         return self.model
 
-    def _modules_of(self, part: str) -> list[nn.Module]:
-        m = self.model
-        return {"llm": [m.llm, m.visual_tokenizer, m.vte], "mmdit": [m.mmdit], "vae": [m.vae]}[part]
-
     def __repr__(self):
-        return f"OvisU1 model {self.name!r}"
+        return f"Ovis-U1 encoder {self.name!r}"
+
+
+def load(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto", name: str = ""):
+    """A checkpoint folder as (encoder, core MODEL, core VAE); outside ComfyUI the last two are None."""
+    ovis = load_ovis(path, dtype, weight_dtype=weight_dtype, attention=attention)
+    if not IN_COMFYUI:
+        return OvisU1Encoder(ovis, attention, name, dtype), None, None
+    from .attention import comfy_kernel
+    from .core_model import make_core_model
+    from .core_vae import make_core_vae
+
+    if attention == "auto":  # ComfyUI's selection (its flags); sdpa / flash_attn force the pack's own
+        ovis.set_attention(comfy_kernel())
+    return OvisU1Encoder(ovis, attention, name, dtype), make_core_model(ovis, dtype), make_core_vae(ovis)

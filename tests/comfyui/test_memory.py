@@ -74,7 +74,7 @@ def comfy_in_process(models_root: Path):
 
 
 def load(pack, **widgets):
-    """The loader node as the executor calls it: (OVIS_U1_MODEL, MODEL, VAE)."""
+    """The loader node as the executor calls it: (OVIS_U1_ENCODER, MODEL, VAE)."""
     loader = pack.NODE_CLASS_MAPPINGS["OvisU1ModelLoader"]()
     return loader.load(model="Ovis-U1-3B", **{"dtype": "fp32", **widgets})
 

@@ -1,0 +1,108 @@
+"""Ovis-U1's conditioning as ComfyUI CONDITIONING, and the check that a CONDITIONING is Ovis-U1's.
+
+A CONDITIONING is a list of ``[tensor, options]``. Encode Condition gives one per classifier-free-guidance branch of
+the official recipe: ``tensor`` is the branch's LLM hidden states [1, L, 2·hidden] and ``options`` carries the
+pack's mark (``MARK``: mode, branch, refined) and, on the branches that see the source image of an edit, the source
+latent as ``reference_latents`` (raw VAE latent, as ComfyUI's ReferenceLatent attaches it). The Refiner replaces the
+states by the refined text tokens [1, L, hidden] and adds their pooled vector as ``pooled_output``.
+
+The branches (the official ``generate_img`` of Ovis-U1 runs the MMDiT on each and mixes the velocities):
+text-to-image: cond (prompt) and no_both (unconditional); edit: cond, no_txt (image only) and no_both. The noise of
+cond and no_txt attends to the source latent; no_both sees neither text nor image.
+
+Pure Python (no ComfyUI import): the bridge's model class and the nodes share it.
+"""
+
+from __future__ import annotations
+
+from ...ovis_u1 import OvisU1InputError
+
+MARK = "ovis_u1"
+OUTPUT_BRANCHES = {
+    "t2i": {"positive": "cond", "middle": "no_both", "negative": "no_both"},
+    "edit": {"positive": "cond", "middle": "no_txt", "negative": "no_both"},
+}
+CONTEXT_BRANCHES = {"cond", "no_txt"}
+NODE = "'Ovis-U1 Encode Condition'"
+
+# Widths of other models' text states, to name where a foreign CONDITIONING came from.
+KNOWN_WIDTHS = {
+    768: "a CLIP-L text encoder (SD 1.x)",
+    1024: "an OpenCLIP-H text encoder (SD 2.x)",
+    2048: "SDXL's CLIP-L + CLIP-G",
+    3584: "Qwen2.5-VL (Qwen-Image)",
+    4096: "a T5-XXL text encoder (FLUX, SD3, Wan, ...)",
+}
+
+
+def conditioning_outputs(condition, reference_latent=None) -> dict[str, list]:
+    """positive, middle and negative CONDITIONING of an ``ovis_u1.Condition``; an edit's ``reference_latent`` (raw
+    VAE latent [1, 4, h, w]) goes on the branches that see the source image. Text-to-image has no image-only branch:
+    middle is the unconditional branch there."""
+    outputs = {}
+    for output, branch in OUTPUT_BRANCHES[condition.mode].items():
+        options = {MARK: {"mode": condition.mode, "branch": branch, "refined": False}}
+        if reference_latent is not None and condition.mode == "edit" and branch in CONTEXT_BRANCHES:
+            options["reference_latents"] = [reference_latent]
+        outputs[output] = [[condition.branches[branch], options]]
+    return outputs
+
+
+def describe_foreign(states, options: dict) -> str:
+    """Where a CONDITIONING without the pack's mark most likely came from."""
+    shape = list(states.shape) if hasattr(states, "shape") else type(states).__name__
+    width = states.shape[-1] if hasattr(states, "shape") and states.ndim else None
+    origin = KNOWN_WIDTHS.get(width, "another model's text encoder")
+    pooled = options.get("pooled_output") if isinstance(options, dict) else None
+    extra = f" and a pooled_output of {pooled.shape[-1]}" if hasattr(pooled, "shape") else ""
+    return f"states {shape}{extra}, most likely from {origin} (e.g. CLIPTextEncode)"
+
+
+def mark_of(entry, name: str) -> dict:
+    """The pack's mark of one ``[tensor, options]`` of the CONDITIONING input ``name``; a foreign entry is an error
+    that names its origin."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
+        raise OvisU1InputError(f"{name}: expected a CONDITIONING (a list of [tensor, options]); connect an output "
+                               f"of {NODE}")
+    states, options = entry
+    mark = options.get(MARK)
+    if not isinstance(mark, dict):
+        raise OvisU1InputError(
+            f"{name}: this CONDITIONING did not come from {NODE} ({describe_foreign(states, options)}); Ovis-U1's "
+            f"MMDiT only understands its own LLM's conditioning: connect {NODE} instead"
+        )
+    return mark
+
+
+def conditioning_mode(conditioning, name: str) -> str:
+    """The mode (t2i / edit) of every entry of a CONDITIONING; mixed modes are an error."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise OvisU1InputError(f"{name}: expected a non-empty CONDITIONING from {NODE}")
+    modes = {mark_of(entry, name)["mode"] for entry in conditioning}
+    if len(modes) > 1:
+        raise OvisU1InputError(f"{name}: mixes text-to-image and edit conditioning; encode both in one mode")
+    return modes.pop()
+
+
+def guidance_mode(positive, negative, middle=None) -> str:
+    """t2i (CFG over positive/negative) or edit (dual CFG over positive/middle/negative), checked against the
+    branches each input carries so that swapped wires are named."""
+    mode = conditioning_mode(positive, "positive")
+    named = {"positive": positive, "negative": negative}
+    if middle is not None:
+        named["middle"] = middle
+    for name, conditioning in named.items():
+        if conditioning_mode(conditioning, name) != mode:
+            raise OvisU1InputError(f"{name}: encoded in another mode than positive; encode all three with one "
+                                   f"{NODE}")
+        want = OUTPUT_BRANCHES[mode][name]
+        have = {mark_of(entry, name)["branch"] for entry in conditioning}
+        if have != {want}:
+            got = OUTPUT_BRANCHES[mode]
+            source = [out for out, branch in got.items() if branch in have and out != name]
+            hint = f" (it is the '{source[0]}' output)" if source else ""
+            raise OvisU1InputError(f"{name}: expected the '{name}' output of {NODE}{hint}; connect each output to "
+                                   "the input of the same name")
+    if mode == "edit" and middle is None:
+        raise OvisU1InputError(f"middle: an edit needs the image-only branch: connect the 'middle' output of {NODE}")
+    return mode

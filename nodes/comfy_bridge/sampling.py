@@ -1,0 +1,93 @@
+"""The official Ovis-U1 recipe on ComfyUI's own sampling: the token refiner on CONDITIONING, and one call that does
+what SamplerCustomAdvanced does with euler, the Ovis-U1 schedule and CFG (text-to-image) or dual CFG (edit).
+
+Everything runs through the MODEL's patcher (``comfy.samplers.CFGGuider`` and core's ``Guider_DualCFG``), so LoRAs,
+model patches (``set_model_unet_function_wrapper``, attention overrides), caches and wrappers on the MODEL apply, and
+ComfyUI's model management, progress bar, previews and interruption work as for core models.
+
+Guidance (the official ``generate_img``): text-to-image ``v = uncond + txt_cfg·(cond − uncond)``, CFGGuider with
+cfg = txt_cfg. Edit ``v = no_both + img_cfg·(no_txt − no_both) + txt_cfg·(cond − no_txt)``: DualCFGGuider's regular
+style with cond1 = positive (cond), cond2 = middle (no_txt), cfg_conds = txt_cfg, cfg_cond2_negative = img_cfg.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ...ovis_u1 import OvisU1InputError, estimates
+from ...ovis_u1.inputs import check_cfg, check_seed, check_steps
+from ...ovis_u1.sampling import flow_sigmas
+
+from . import latent_size
+from .conditioning import MARK, guidance_mode, mark_of
+from .core_model import ovis_model_of
+
+SAMPLER = "euler"  # the official Euler step x ← x + (t_next − t)·v
+
+
+def _guider_dual_cfg():
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG  # core's DualCFGGuider (ComfyUI ≥ 0.3.2x)
+
+    return Guider_DualCFG
+
+
+def schedule(model, latent, steps: int, timestep_shift: bool | None = None, denoise: float = 1.0):
+    """The official schedule for the latent's size as SIGMAS (``ovis_u1.sampling.flow_sigmas``)."""
+    params = ovis_model_of(model).diffusion_model.params
+    width, height = latent_size(latent)
+    return flow_sigmas(params, width, height, check_steps(steps), timestep_shift, denoise)
+
+
+def sample(model, positive, negative, latent, seed: int, steps: int, txt_cfg: float, img_cfg: float,
+           timestep_shift: bool | None = None, middle=None) -> dict:
+    """One Ovis-U1 generation on ComfyUI's sampling; returns the LATENT (raw VAE latent)."""
+    ovis_model_of(model)
+    mode = guidance_mode(positive, negative, middle)
+    steps, seed, txt_cfg = check_steps(steps), check_seed(seed), check_cfg("txt_cfg", txt_cfg)
+    sigmas = schedule(model, latent, steps, timestep_shift)
+    if mode == "t2i":
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(txt_cfg)
+    else:
+        guider = _guider_dual_cfg()(model)
+        guider.set_conds(positive, middle, negative)
+        guider.set_cfg(txt_cfg, check_cfg("img_cfg", img_cfg))
+    out = dict(latent)
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(SAMPLER), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out["samples"] = samples.to(mm.intermediate_device())
+    out.pop("noise_mask", None)
+    return out
+
+
+def refine(model, conditioning, name: str):
+    """The token refiner of the MODEL (with its patches) on every entry of a CONDITIONING that is not refined yet:
+    the states become the refined tokens and ``pooled_output`` their pooled vector."""
+    inner = ovis_model_of(model)
+    todo = [entry for entry in conditioning if not mark_of(entry, name).get("refined")]
+    if not todo:
+        return conditioning
+    p = inner.diffusion_model.params
+    memory = estimates.refiner_request_memory(p, [states.shape[1] for states, _ in todo],
+                                              mm.dtype_size(inner.compute_dtype()))
+    mm.load_models_gpu([model], memory_required=memory)
+    device = model.load_device
+    out = []
+    for states, options in conditioning:
+        mark = options[MARK]
+        if not mark.get("refined"):
+            tokens, pooled = inner.refine(states, device, model.model_options.get("transformer_options"))
+            states = tokens.to(mm.intermediate_device())
+            options = {**options, "pooled_output": pooled.to(mm.intermediate_device()),
+                       MARK: {**mark, "refined": True}}
+        out.append([states, options])
+    return out
