@@ -34,7 +34,7 @@ from ...ovis_u1 import OvisU1InputError, attention, estimates
 from ...ovis_u1.mmdit import MMDiT
 from ...ovis_u1.sampling import image_tokens, pack_latents, shift_mu, unpack_latents
 
-from . import load_device, offload_device
+from .host import load_device, offload_device
 from .attention import comfy_kernel, is_comfy
 from .conditioning import mark_of
 from .memory import patcher_class, weight_bytes

@@ -18,7 +18,7 @@ import comfy.sd
 from ...ovis_u1 import OvisU1InputError, estimates
 from ...ovis_u1.model import sample_edit_latent
 
-from . import load_device
+from .host import load_device
 from .memory import patcher_class, weight_bytes
 
 

@@ -20,9 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from ...ovis_u1 import load_model
-
-from . import IN_COMFYUI, load_device, offload_device
+from .host import IN_COMFYUI, load_device, offload_device
 
 if IN_COMFYUI:
     import comfy.model_management as mm
@@ -90,20 +88,6 @@ def cast_layer_weights(layer: nn.Module, like: torch.Tensor):
         yield comfy.ops.cast_bias_weight(layer, like)
 
 
-def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto"):
-    """``ovis_u1.load_model`` with ComfyUI's operations and the MMDiT class of the core MODEL (inside ComfyUI) and
-    the weight-storage choice, on the offload device: ComfyUI moves each part to the GPU when a node uses it."""
-    kwargs = {}
-    if IN_COMFYUI:
-        from .core_model import OvisU1MMDiT
-
-        kwargs["operations"] = comfy_operations(dtype, weight_dtype)
-        kwargs["mmdit_class"] = OvisU1MMDiT
-    if weight_dtype is not None:
-        kwargs["weight_dtype"] = weight_dtype
-    return load_model(path, device=offload_device(), dtype=dtype, attention=attention, **kwargs)
-
-
 class OvisU1LLM(nn.Module):
     """The language model, visual encoder and visual embedding table (shared with the OvisU1 module)."""
 
@@ -152,17 +136,3 @@ class OvisU1Encoder:
 
     def __repr__(self):
         return f"Ovis-U1 encoder {self.name!r}"
-
-
-def load(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto", name: str = ""):
-    """A checkpoint folder as (encoder, core MODEL, core VAE); outside ComfyUI the last two are None."""
-    ovis = load_ovis(path, dtype, weight_dtype=weight_dtype, attention=attention)
-    if not IN_COMFYUI:
-        return OvisU1Encoder(ovis, attention, name, dtype), None, None
-    from .attention import comfy_kernel
-    from .core_model import make_core_model
-    from .core_vae import make_core_vae
-
-    if attention == "auto":  # ComfyUI's selection (its flags); sdpa / flash_attn force the pack's own
-        ovis.set_attention(comfy_kernel())
-    return OvisU1Encoder(ovis, attention, name, dtype), make_core_model(ovis, dtype), make_core_vae(ovis)

@@ -22,7 +22,7 @@ from ...ovis_u1 import OvisU1InputError, estimates
 from ...ovis_u1.inputs import check_cfg, check_seed, check_steps
 from ...ovis_u1.sampling import flow_sigmas
 
-from . import latent_size
+from .host import latent_size
 from .conditioning import MARK, guidance_mode, mark_of
 from .core_model import ovis_model_of
 

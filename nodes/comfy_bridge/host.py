@@ -1,0 +1,119 @@
+"""Where the pack runs: ComfyUI present or not, its model folders, devices and dtypes, progress and interruption,
+and the size of a LATENT. Every ComfyUI use here is optional."""
+
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ...ovis_u1 import OvisU1InputError
+from ...ovis_u1.checkpoint import default_model_roots, find_model_dirs
+
+try:  # ComfyUI's own modules; absent outside ComfyUI
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+    import folder_paths
+except ImportError:
+    mm = None
+
+MODEL_FOLDER = "ovis_u1"
+IN_COMFYUI = mm is not None
+
+log = logging.getLogger("ComfyUI-Ovis-U1")
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+def register_model_folder() -> None:
+    """Make ``models/ovis_u1`` a ComfyUI model folder; ``ovis_u1:`` entries of extra_model_paths.yaml add to it."""
+    if IN_COMFYUI:
+        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
+def model_roots() -> list[Path]:
+    """The folders searched for Ovis-U1 checkpoint folders, in priority order."""
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
+    return default_model_roots()
+
+
+def list_models() -> list[str]:
+    """Names of the Ovis-U1 checkpoint folders (config.json with model_type ovis_u1) under the model roots."""
+    return list(dict.fromkeys(p.name for p in find_model_dirs(model_roots())))
+
+
+def resolve_model(name: str) -> Path | None:
+    """The checkpoint folder called ``name``; failing that any folder of that name (so that loading it explains what
+    is wrong with it); None when no root has it."""
+    for path in find_model_dirs(model_roots()):
+        if path.name == name:
+            return path
+    for root in model_roots():
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+# --------------------------------------------------------------------------------------------- devices, dtypes
+def load_device() -> torch.device:
+    return mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def offload_device(part: str = "llm") -> torch.device:
+    if not IN_COMFYUI:
+        return torch.device("cpu")
+    return mm.vae_offload_device() if part == "vae" else mm.unet_offload_device()
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def auto_dtype() -> torch.dtype:
+    """The dtype ComfyUI's model management recommends for the load device (bf16 where it is fast, else fp32; fp16 is
+    left to an explicit choice, as for ComfyUI's other Qwen-based models)."""
+    if not IN_COMFYUI:
+        return torch.float32
+    return mm.unet_dtype(load_device(), supported_dtypes=[torch.bfloat16, torch.float32])
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def latent_size(latent, name: str = "latent") -> tuple[int, int]:
+    """(width, height) in pixels of a LATENT of images."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] == 0:
+        raise OvisU1InputError(f"{name}: expected a LATENT of images [B, 4, H/8, W/8]; connect an EmptyLatentImage or "
+                               "the 'latent' output of 'Ovis-U1 Edit Context Encoder'")
+    return samples.shape[-1] * 8, samples.shape[-2] * 8
+
+
+# ------------------------------------------------------------------------------------ progress and interruption
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
+    if IN_COMFYUI:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """A ProgressBar on the running node, checking for interruption on every update."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+
+    def update(self, done: int) -> None:
+        check_interrupt()
+        if self.bar is not None:
+            self.bar.update_absolute(done, self.total)
+
+    def finish(self) -> None:
+        """Fill the bar (generation may stop before ``total``); never interrupts finished work."""
+        if self.bar is not None:
+            self.bar.update_absolute(self.total, self.total)
