@@ -6,7 +6,7 @@ extra image-only self-attention, then single-stream blocks over [text, image]. T
 * ``refine(txt)`` and ``prepare(tokens, pooled, height, width, context)`` do the work that does not depend on the
   denoising step (token refiner, ``vector_in`` of the pooled text, RoPE tables, ``img_in`` of the context latent);
   its shape-only part (``positions``) and the context projection (``project_context``) can be made once and passed
-  in, as the native ComfyUI path does once per sampling run;
+  in, as the core MODEL does once per sampling run inside ComfyUI;
 * ``velocity(x, t, prepared)`` (also ``forward``) is one velocity prediction. A host with its own call convention
   (ComfyUI's diffusion-model call) subclasses the MMDiT, overrides ``forward`` and calls ``velocity``.
 

@@ -7,8 +7,9 @@ Layers of that kind are what ComfyUI's lowvram path (and 0.18.1's dynamic VRAM) 
 is loaded partially, the rest of its weights are cast to the device layer by layer as the forward reaches them.
 
 Each part gets its own patcher (``CoreModelPatcher`` where ComfyUI has it, so 0.18.1 swaps in its dynamic patcher on
-NVIDIA; ``ModelPatcher`` before) and is loaded by ``load_models_gpu`` with an activation estimate and *without*
-``force_full_load``, so ComfyUI decides between a full and a partial load.
+NVIDIA; ``ModelPatcher`` before): the encoder's is here (``OvisU1Encoder``), the MMDiT's is the core MODEL
+(``core_model``), the VAE's the core VAE's (``core_vae``). Each is loaded by ``load_models_gpu`` with an activation
+estimate and *without* ``force_full_load``, so ComfyUI decides between a full and a partial load.
 """
 
 from __future__ import annotations
