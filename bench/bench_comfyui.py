@@ -1,10 +1,13 @@
 """ComfyUI rows of the memory benchmark: each part of a loaded Ovis-U1 under ComfyUI's model management (CPU).
 
-Per part and per way of loading (full; partial at a weight budget of --budget × the part; fp8 weight storage, full),
-in ComfyUI's own accounting: the part's weight bytes (``patcher.model_size()``), the bytes ComfyUI reports as loaded
-(``model_loaded_weight_memory``) and whether it marked the part lowvram; the activation estimate the nodes hand to
-``load_models_gpu`` for a 1024² request; and the wall time of one representative pass (condition, 4 guided MMDiT
-steps at --size, one VAE decode at --size). Peak RSS of the process at the end.
+The parts are the loader's three outputs: the encoder's LLM + visual encoder (``encoder.patcher``), the MMDiT (the
+core MODEL) and the VAE (the core VAE's patcher). Per part and per way of loading (full; partial at a weight budget of
+--budget × the part; fp8 weight storage, full), in ComfyUI's own accounting: the part's weight bytes
+(``patcher.model_size()``), the bytes ComfyUI reports as loaded (``model_loaded_weight_memory``) and whether it marked
+the part lowvram; the activation estimate ComfyUI gets for a 1024² request (Encode Condition's
+``condition_request_memory``, the core MODEL's ``memory_required`` for cond + uncond, the core VAE's
+``memory_used_decode``); and the wall time of one representative pass (condition, 4 guided MMDiT steps at --size, one
+VAE decode at --size). Peak RSS of the process at the end.
 
     COMFYUI_PATH=~/.cache/comfy-0.18.1/ComfyUI ~/.cache/comfy-0.18.1/venv/bin/python bench/bench_comfyui.py \
         --model /path/to/an/ovis_u1/checkpoint [--budget 0.2] [--size 256] [--json out.json]
@@ -31,7 +34,6 @@ PACK = "comfyui_ovis_u1_bench"
 
 def comfy_pack(model_dir: Path):
     sys.path.insert(0, str(Path(os.environ["COMFYUI_PATH"]).expanduser().resolve()))
-    sys.path.insert(1, str(ROOT))
     from comfy.cli_args import args
 
     args.cpu = True
@@ -70,18 +72,21 @@ def main():
     pack = comfy_pack(a.model)
     import comfy.model_management as mm
 
-    generate = sys.modules[f"{PACK}.nodes.generate"]
+    estimates = sys.modules[f"{PACK}.ovis_u1.estimates"]
     loader = pack.NODE_CLASS_MAPPINGS["OvisU1ModelLoader"]()
     rows = []
     for mode in ("full", "partial", "fp8"):
-        managed, _, _ = loader.load("bench", dtype="bf16", weight_dtype="fp8_e4m3fn" if mode == "fp8" else "default")
-        estimates = {
-            "llm": generate._condition_memory(managed, "t2i", 1024, 1024),
-            "mmdit": managed.patchers["mmdit"].model.memory_required([2, 4, 128, 128]),
-            "vae": generate._vae_decode_memory((1, 4, 128, 128), generate._vae_dtype(managed.model)),
+        encoder, model, vae = loader.load("bench", dtype="bf16",
+                                          weight_dtype="fp8_e4m3fn" if mode == "fp8" else "default")
+        patchers = {"llm": encoder.patcher, "mmdit": model, "vae": vae.patcher}
+        activation = {
+            "llm": estimates.condition_request_memory(encoder.params, "t2i", 1024, 1024,
+                                                      estimates.dtype_bytes(encoder.dtype), encoder.attention),
+            "mmdit": model.model.memory_required([2, 4, 128, 128]),
+            "vae": vae.memory_used_decode((1, 4, 128, 128), vae.vae_dtype),
         }
         for part in ("llm", "mmdit", "vae"):
-            patcher = managed.patchers[part]
+            patcher = patchers[part]
             size = patcher.model_size()
             if mode == "partial":
                 patcher.patch_model(device_to=patcher.load_device, lowvram_model_memory=int(size * a.budget),
@@ -89,16 +94,16 @@ def main():
             else:
                 mm.load_models_gpu([patcher])
             start = time.perf_counter()
-            run_pass(managed.model, part, a.size)
+            run_pass(encoder.model, part, a.size)
             seconds = time.perf_counter() - start
             rows.append(dict(mode=mode, part=part, weight_mb=size / 2**20,
                              loaded_mb=patcher.model.model_loaded_weight_memory / 2**20,
                              lowvram=bool(getattr(patcher.model, "model_lowvram", False)),
-                             activation_estimate_mb=estimates[part] / 2**20, seconds=seconds))
+                             activation_estimate_mb=activation[part] / 2**20, seconds=seconds))
             if mode == "partial":
                 patcher.unpatch_model(patcher.offload_device)
         mm.unload_all_models()
-        del managed
+        del encoder, model, vae, patchers
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"{'mode':8} {'part':6} {'weights MB':>11} {'loaded MB':>10} {'lowvram':>8} {'act. est. MB':>13} {'s/pass':>7}")
     for r in rows:

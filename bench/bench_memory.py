@@ -38,15 +38,16 @@ group's inputs rounded (weights bf16) against only its weights in e4m3fn. ``FP8_
 
 Hook for partial loading: ``LOADERS`` maps a ``--load`` name to ``loader(checkpoint, device, dtype, storage) ->
 model``. ``full`` is ``ovis_u1.load_model``; ``random`` takes a config.json in place of CHECKPOINT and makes random
-weights on the device (the full-size rows on a GPU: ``--load random ../shared/golden/full_size/config.json``); ComfyUI's partial loading (a ModelPatcher with a weight
-budget) belongs to ``nodes/comfy_bridge.py`` and registers itself with ``register_loader("partial", ...)`` in a
-script that imports ComfyUI, then calls ``main()``.
+weights on the device (the full-size rows on a GPU: ``--load random Ovis-U1-3B/config.json``, the config of the
+downloaded checkpoint). ComfyUI's own partial loading (the loader's parts under its model management, at a weight
+budget) is measured by ``bench_comfyui.py``; a script that imports ComfyUI can also add a loader here with
+``register_loader(name, ...)``, then call ``main()``.
 
     python bench/bench_memory.py CHECKPOINT [--size 256] [--steps 4] [--storage default,fp8_e4m3fn] [--json P]
     python bench/bench_memory.py CHECKPOINT --quality [--size 256] [--steps 4] \
         [--storage fp8_e4m3fn,fp8_e4m3fn+fast,fp8_e4m3fn+fast+all] [--no-yardstick] [--reference-cache FILE]
     python bench/bench_memory.py CHECKPOINT --sensitivity [--size 256] [--steps 4]
-    python bench/bench_memory.py ../shared/golden/full_size/config.json --load random --device cuda --size 1024 \
+    python bench/bench_memory.py Ovis-U1-3B/config.json --load random --device cuda --size 1024 \
         --steps 50 --rows t2i,edit,understand --storage default,fp8_e4m3fn
 """
 
@@ -85,7 +86,7 @@ def _load_full(checkpoint, device, dtype, storage):
 
 
 def _load_random(config_path, device, dtype, storage):
-    """The architecture of ``config_path`` (a config.json, e.g. ../shared/golden/full_size/config.json) with random
+    """The architecture of ``config_path`` (a config.json, e.g. Ovis-U1-3B/config.json) with random
     weights made directly on ``device`` in the dtypes ``load_model`` would give them (no checkpoint on disk; the
     smoke tokenizer and preprocessor). For the full-size rows on a GPU."""
     import tempfile

@@ -1,14 +1,16 @@
-"""Inside a real ComfyUI (imported in this process, ``--cpu``): every part of a loaded Ovis-U1 is built from ComfyUI's
-operations, wrapped in the patcher ComfyUI wraps its own models in, and gives the same outputs when ComfyUI loads it
-partially (a weight budget under a quarter of the part) as when it loads it whole.
+"""Inside a real ComfyUI (imported in this process, ``--cpu``): every part of a loaded Ovis-U1 — the encoder's LLM and
+visual encoder (``encoder.patcher``), the MMDiT (the core MODEL) and the VAE (the core VAE's patcher) — is built from
+ComfyUI's operations, wrapped in the patcher ComfyUI wraps its own models in, and gives the same outputs when ComfyUI
+loads it partially (a weight budget under a quarter of the part) as when it loads it whole.
 
 On a CPU ``load_models_gpu`` always loads whole (it disables partial loading for a CPU load device), so the partial
 load is made the way ``load_models_gpu`` makes it on a small GPU: ``patcher.patch_model(device,
 lowvram_model_memory=budget)`` (→ ``ModelPatcher.load``'s lowvram path). ComfyUI's own record of it is checked:
 ``model_lowvram`` set, fewer bytes loaded than the part holds, and its "loaded partially" log line.
 
-Run: COMFYUI_PATH=~/.cache/comfy-0.18.1/ComfyUI ~/.cache/comfy-0.18.1/venv/bin/python -m pytest tests/comfyui
-(and the same for 0.3.64); skipped without COMFYUI_PATH.
+Run: COMFYUI_PATH=~/.cache/comfy-0.33.0/ComfyUI ~/.cache/comfy-0.33.0/venv/bin/python -m pytest tests/comfyui
+(and the same for 0.18.1 and 0.3.64; OVIS_U1_LAZY_LAYERS=1 for lazy layers, see layers.py); skipped without
+COMFYUI_PATH.
 """
 
 from __future__ import annotations
@@ -85,11 +87,37 @@ def pack(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------- the parts
+PARTS = ("llm", "mmdit", "vae")
+
+
+def parts(pack, **widgets):
+    """The loader's outputs and the patcher of each part: the encoder's own (LLM + visual encoder), the core MODEL
+    (the MMDiT with its refiner) and the core VAE's."""
+    encoder, model, vae = load(pack, **widgets)
+    return encoder, {"llm": encoder.patcher, "mmdit": model, "vae": vae.patcher}
+
+
+def ready(encoder, patchers, part: str):
+    """What the nodes do before a part runs (Encode Condition: ``encoder.load``; the samplers and VAE nodes:
+    ``load_models_gpu`` of the MODEL / the VAE's patcher); returns the OvisU1 module that holds every part."""
+    import comfy.model_management as mm
+
+    if part == "llm":
+        return encoder.load()
+    mm.load_models_gpu([patchers[part]])
+    return encoder.model
+
+
+def library(pack):
+    """The pack's own copy of the library (the one its nodes and the loaded model use)."""
+    return sys.modules[f"{pack.__name__}.ovis_u1"]
+
+
 def weight_modules(module: torch.nn.Module):
     return [(n, m) for n, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
 
-def run_part(ovis, part: str):
+def run_part(pack, ovis, part: str):
     """One representative computation per part, on the golden inputs."""
     p = case_params("t2i")
     if part == "llm":
@@ -97,15 +125,10 @@ def run_part(ovis, part: str):
     if part == "mmdit":
         t = tensors("t2i")
         txt = {b: t[f"{b}.txt"] for b in ("cond", "no_both")}
-        from ovis_u1 import Condition
-
-        refined = ovis.refine(Condition("t2i", p["width"], p["height"], txt))
+        refined = ovis.refine(library(pack).Condition("t2i", p["width"], p["height"], txt))
         return ovis.sample(refined, p["width"], p["height"], steps=2, txt_cfg=p["txt_cfg"], seed=p["seed"])
     latent = tensors("t2i")["vae_dec_input"]
     return ovis.vae_decode(latent)
-
-
-PARTS = ("llm", "mmdit", "vae")
 
 
 def test_layers_are_built_as_the_run_asks(pack):
@@ -117,27 +140,28 @@ def test_layers_are_built_as_the_run_asks(pack):
 def test_every_part_is_built_from_comfyui_operations(pack, part):
     import comfy.model_patcher
 
-    managed, core_model, core_vae = load(pack)
-    patcher = managed.patchers[part]
+    encoder, patchers = parts(pack)
+    patcher = patchers[part]
     expected = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     assert isinstance(patcher, expected)
     plain = [n for n, m in weight_modules(patcher.model) if not hasattr(m, "comfy_cast_weights")
              and type(m).__module__.startswith("torch.nn")]
     assert not plain, f"{part}: torch.nn layers ComfyUI cannot stream: {plain[:5]}"
-    assert core_model is managed.patchers["mmdit"] and core_vae.patcher is managed.patchers["vae"]
+    # the three patchers hold the loaded OvisU1's own modules: one copy of the weights
+    ovis = encoder.model
+    held = {"llm": ovis.llm, "mmdit": ovis.mmdit, "vae": ovis.vae}[part]
+    assert any(m is held for m in patcher.model.modules()), f"{part}: the patcher holds a copy, not the model's part"
 
 
 @pytest.mark.parametrize("part", PARTS)
 def test_partial_load_gives_the_full_load_outputs(pack, part, caplog):
     import comfy.model_management as mm
 
-    managed, _, _ = load(pack)
-    patcher = managed.patchers[part]
-    ovis = managed.model
+    encoder, patchers = parts(pack)
+    patcher = patchers[part]
     device = patcher.load_device
 
-    mm.load_models_gpu([patcher])  # what the nodes do: on a CPU ComfyUI loads whole
-    full = run_part(managed.use(part), part)
+    full = run_part(pack, ready(encoder, patchers, part), part)  # on a CPU ComfyUI loads whole
     assert not getattr(patcher.model, "model_lowvram", False)
     mm.unload_all_models()
 
@@ -149,7 +173,7 @@ def test_partial_load_gives_the_full_load_outputs(pack, part, caplog):
         assert patcher.model.model_lowvram, f"{part}: ComfyUI did not load it partially"
         assert patcher.model.model_loaded_weight_memory < size / 4
         assert any("loaded partially" in r.getMessage() for r in caplog.records), caplog.text
-        partial = run_part(ovis, part)
+        partial = run_part(pack, encoder.model, part)
     finally:
         patcher.unpatch_model(patcher.offload_device)
     assert torch.equal(partial, full), f"{part}: max |Δ| {(partial.float() - full.float()).abs().max()}"
@@ -159,14 +183,14 @@ def test_partial_load_gives_the_full_load_outputs(pack, part, caplog):
 def test_fp8_weights_run_in_the_compute_dtype(pack, part):
     """weight_dtype fp8: the LLM/vision/MMDiT matrices are stored in fp8 through ComfyUI's manual-cast layers, every
     pass computes in the loader's dtype and stays finite; the VAE is never fp8."""
-    managed, _, _ = load(pack, weight_dtype="fp8_e4m3fn")
-    module = managed.patchers[part].model
+    encoder, patchers = parts(pack, weight_dtype="fp8_e4m3fn")
+    module = patchers[part].model
     stored = {p.dtype for p in module.parameters()}
     if part == "vae":
         assert torch.float8_e4m3fn not in stored
     else:
         assert torch.float8_e4m3fn in stored
-    out = run_part(managed.use(part), part)
+    out = run_part(pack, ready(encoder, patchers, part), part)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
@@ -182,10 +206,10 @@ def test_fp8_images_stay_within_the_readmes_figures(pack):
     states 3.0 uint8 levels on average, 30 at most."""
     images = {}
     for storage in ("default", "fp8_e4m3fn"):
-        managed, _, _ = load(pack, dtype="bf16", weight_dtype=storage)
+        encoder, patchers = parts(pack, dtype="bf16", weight_dtype=storage)
         for part in PARTS:
-            managed.use(part)
-        images[storage] = _t2i_image(managed.model)
+            ready(encoder, patchers, part)
+        images[storage] = _t2i_image(encoder.model)
     diff = (images["fp8_e4m3fn"] - images["default"]).abs()
     assert 0 < diff.float().mean() <= 3.0 and diff.max() <= 30, (
         f"fp8 moved the image by {diff.float().mean():.2f} levels on average, {diff.max()} at most")
