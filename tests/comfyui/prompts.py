@@ -8,9 +8,15 @@ from tests.golden import case_params
 from tests.test_workflows import CI_OVERRIDES, Executor, load_workflow, topological
 
 # The golden t2i case (prompt "a cute cat", 64×64, 3 steps, txt_cfg 5, seed 42) in fp32, by widget name: applied to
-# every node that has an input of that name.
+# every node that has an input of that name (width/height: the EmptyLatentImage that sets the size for Encode
+# Condition and the sampler; steps, txt_cfg, seed: the MMDiT Sampler).
 GOLDEN_T2I = {**{k: case_params("t2i")[k] for k in ("prompt", "width", "height", "steps", "txt_cfg", "seed")},
               "dtype": "fp32"}
+# The golden edit case (the tiny_a edit input, "add a hat to this cat.", 3 steps, txt_cfg 6, img_cfg 1.5, seed 42)
+# in fp32; the Edit Context Encoder draws its posterior sample with the case's own seed, by node type.
+GOLDEN_EDIT = {**{k: case_params("edit")[k] for k in ("prompt", "steps", "txt_cfg", "img_cfg")}, "dtype": "fp32"}
+GOLDEN_EDIT_SEEDS = {"OvisU1Sampler": {"seed": case_params("edit")["seed"]},
+                     "OvisU1EditContextEncoder": {"seed": case_params("edit")["vae_sample_seed"]}}
 
 
 def api_prompt(graph: dict, images: list[str] = (), overrides: dict | None = None,
@@ -37,9 +43,12 @@ def api_prompt(graph: dict, images: list[str] = (), overrides: dict | None = Non
     return prompt
 
 
-def workflow_prompt(name: str, images: list[str] = (), by_name: dict | None = None) -> dict:
-    """A workflow of ``workflows/`` as CI runs it: few sampling steps and tokens, everything else as saved."""
-    return api_prompt(load_workflow(name), images, CI_OVERRIDES, by_name)
+def workflow_prompt(name: str, images: list[str] = (), by_name: dict | None = None,
+                    overrides: dict | None = None) -> dict:
+    """A workflow of ``workflows/`` as CI runs it: few sampling steps and tokens, everything else as saved;
+    ``overrides`` by node type and ``by_name`` replace more widget values."""
+    merged = {t: {**CI_OVERRIDES.get(t, {}), **(overrides or {}).get(t, {})} for t in {*CI_OVERRIDES, *(overrides or {})}}
+    return api_prompt(load_workflow(name), images, merged, by_name)
 
 
 def nodes_of(prompt: dict, class_type: str) -> list[str]:

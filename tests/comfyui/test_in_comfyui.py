@@ -1,6 +1,8 @@
 """The pack inside a real ComfyUI: loaded as ComfyUI loads custom nodes, every example workflow through ComfyUI's
-executor with its core nodes (LoadImage, SaveImage, PreviewImage, Canny, ImageBatch), the golden image through that
-path, progress and previews over the websocket, and an interrupt in the middle of sampling. CPU, tiny checkpoint."""
+executor with its core nodes (EmptyLatentImage, VAEDecode, SamplerCustomAdvanced and the guiders, LoadImage,
+SaveImage, PreviewImage, Canny, ImageBatch), the golden text-to-image and edit images through that path, progress and
+previews over the websocket (ComfyUI's own sampling callback on the MMDiT Sampler), an interrupt in the middle of
+sampling, and core VAEEncode/VAEDecode on the loader's VAE. CPU, tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from PIL import Image
 
 from tests.comfyui.conftest import EDIT_IMAGE, UNDERSTAND_IMAGE
 from tests.comfyui import layers
-from tests.comfyui.prompts import GOLDEN_T2I, nodes_of, workflow_prompt
+from tests.comfyui.prompts import GOLDEN_EDIT, GOLDEN_EDIT_SEEDS, GOLDEN_T2I, nodes_of, workflow_prompt
 from tests.golden import assert_golden_image, manifest, tensors
 from tests.pack import import_pack
 from tests.test_workflows import WORKFLOWS
@@ -71,6 +73,17 @@ def test_text_to_image_reproduces_the_golden_image(comfy):
     assert_golden_image(image, tensors("t2i")["output_image_uint8"])
 
 
+def test_image_edit_reproduces_the_golden_image(comfy):
+    """LoadImage → Edit Context Encoder (resized image, context, latent) → Encode Condition → Refiner → MMDiT Sampler
+    (dual CFG) → VAEDecode on the loader's vae, as image_edit.json wires it."""
+    prompt = workflow_prompt("image_edit", [EDIT_IMAGE], by_name=GOLDEN_EDIT, overrides=GOLDEN_EDIT_SEEDS)
+    run = comfy.run(prompt)
+    assert run.status == "success", run.explain()
+    (save,) = nodes_of(prompt, "SaveImage")
+    (image,) = saved_images(comfy, run, save)
+    assert_golden_image(image, tensors("edit")["output_image_uint8"])
+
+
 def test_understanding_reproduces_the_golden_answer(comfy):
     p = manifest()["cases"]["understand"]
     prompt = workflow_prompt("image_understanding", [UNDERSTAND_IMAGE],
@@ -83,6 +96,8 @@ def test_understanding_reproduces_the_golden_answer(comfy):
 
 
 def test_progress_and_previews_reach_the_client(comfy):
+    """The MMDiT Sampler runs ComfyUI's own sampling: its callback sends one progress message per step (on the
+    sampler's node) and a latent preview."""
     steps = 4
     prompt = workflow_prompt("text_to_image", by_name={**GOLDEN_T2I, "steps": steps, "seed": 7})
     run = comfy.run(prompt)
@@ -120,26 +135,35 @@ def test_interrupt_mid_sampling_leaves_the_model_usable(comfy):
     assert_golden_image(image, tensors("t2i")["output_image_uint8"])
 
 
-def test_vae_nodes_with_comfyuis_latent_files(comfy):
-    """The node no workflow uses: VAE Encode of the edit input at the edit size (Edit Context Encoder's resized
-    image) gives the golden posterior mean, written by ComfyUI's SaveLatent; VAE Decode of it makes an image."""
+def test_core_vae_nodes_on_the_loaders_vae_with_comfyuis_latent_files(comfy):
+    """No workflow encodes an image with core VAEEncode: of the Edit Context Encoder's resized image (the edit input
+    at the edit size) it gives the golden posterior mean, written by ComfyUI's SaveLatent; the Edit Context
+    Encoder's context is the golden seeded posterior sample; VAEDecode of the mean makes an image of the edit size."""
     from safetensors.torch import load_file
 
     from tests.golden import assert_golden
 
+    vae_seed = GOLDEN_EDIT_SEEDS["OvisU1EditContextEncoder"]["seed"]
     prompt = {
         "1": {"class_type": "OvisU1ModelLoader", "inputs": {"model": "Ovis-U1-3B", "dtype": "fp32", "attention": "auto"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": EDIT_IMAGE}},
-        "3": {"class_type": "OvisU1EditContextEncoder", "inputs": {"model": ["1", 0], "image": ["2", 0], "seed": 0}},
-        "4": {"class_type": "OvisU1VAEEncode", "inputs": {"model": ["1", 0], "image": ["3", 1]}},
-        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "latents/ovis_u1"}},
-        "6": {"class_type": "OvisU1VAEDecode", "inputs": {"model": ["1", 0], "samples": ["4", 0]}},
+        "3": {"class_type": "OvisU1EditContextEncoder", "inputs": {"vae": ["1", 2], "image": ["2", 0], "seed": vae_seed}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "latents/ovis_u1_mean"}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 1], "filename_prefix": "latents/ovis_u1_context"}},
     }
     run = comfy.run(prompt)
     assert run.status == "success", run.explain()
-    (latent_file,) = run.outputs["5"]["latents"]
-    latent = load_file(str(comfy.output_file(latent_file)))["latent_tensor"]
-    assert_golden(latent, tensors("edit")["context.latent_mean"], "VAE Encode → SaveLatent")
+    golden = tensors("edit")
+
+    def saved_latent(node: str):
+        (latent_file,) = run.outputs[node]["latents"]
+        return load_file(str(comfy.output_file(latent_file)))["latent_tensor"]
+
+    assert_golden(saved_latent("5"), golden["context.latent_mean"], "VAEEncode → SaveLatent")
+    sample = golden["context.latent_mean"] + golden["context.latent_std"] * golden["context.sample_eps"]
+    assert_golden(saved_latent("8"), sample, "Edit Context Encoder context → SaveLatent")
     (decoded,) = saved_images(comfy, run, "7")
-    assert decoded.shape == (*tensors("edit")["output_image_uint8"].shape[:2], 3)
+    assert decoded.shape == (*golden["output_image_uint8"].shape[:2], 3)
