@@ -1,4 +1,4 @@
-"""ComfyUI IMAGE (float [B, H, W, C] in 0..1) ↔ PIL images, and decoded VAE output → IMAGE."""
+"""ComfyUI IMAGE (float [B, H, W, C] in 0..1) ↔ PIL images."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from ..ovis_u1 import OvisU1InputError
-from ..ovis_u1.inputs import check_finite, check_image_area, check_not_empty
-from ..ovis_u1.model import MAX_ENCODE_PIXELS
+from ..ovis_u1.inputs import check_finite, check_not_empty
 
 
 def _check(image, name: str) -> torch.Tensor:
@@ -56,27 +55,3 @@ def to_pil(image: torch.Tensor, name: str = "image") -> Image.Image:
 def from_pil(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image → IMAGE [1, H, W, 3] float32 (as ComfyUI's LoadImage makes it)."""
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
-
-
-def from_decoded(pixels: torch.Tensor) -> torch.Tensor:
-    """Decoded VAE output [B, 3, H, W] in −1..1 → IMAGE [B, H, W, 3] in 0..1, as ComfyUI's VAE decode does.
-
-    SaveImage's ``uint8(255·x)`` of this equals the official truncating ``uint8(127.5·(x + 1))`` exactly.
-    """
-    return ((pixels.float().clamp(-1, 1) + 1.0) / 2.0).movedim(1, -1).contiguous()
-
-
-def to_vae_pixels(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """IMAGE → [B, 3, H, W] in −1..1 for the VAE encoder; RGB only, cropped to multiples of 8 around the centre
-    (as ComfyUI's VAEEncode does)."""
-    image = _check(image, name).float()
-    check_image_area(image.shape[2], image.shape[1], name, MAX_ENCODE_PIXELS)
-    if image.shape[-1] in (1, 2):
-        image = image[..., :1].expand(*image.shape[:-1], 3)
-    image = image[..., :3]
-    h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
-    if h == 0 or w == 0:
-        raise OvisU1InputError(f"{name}: {image.shape[2]}×{image.shape[1]} is too small to encode (at least 8×8)")
-    top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
-    image = image[:, top : top + h, left : left + w]
-    return image.movedim(-1, 1).clamp(0, 1).mul(2).sub(1)
