@@ -290,15 +290,16 @@ def test_img2img_at_denoise_0_6_on_a_vae_encoded_image(comfy):
     assert_sane(decode(comfy, sample_custom(comfy, guider, encoded, sigmas, p["seed"])))
 
 
-def test_easycache_and_tiled_decode(comfy, caplog):
+@pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode"])
+def test_caches_and_tiled_decode(comfy, caplog, cache):
     p, positive, middle, negative, latent = edit_inputs(comfy)
-    (cached,) = call(comfy["easycache"].EasyCacheNode, model=comfy["model"], reuse_threshold=0.2, start_percent=0.15,
-                     end_percent=0.95, verbose=False)
+    (cached,) = call(getattr(comfy["easycache"], cache), model=comfy["model"], reuse_threshold=0.2,
+                     start_percent=0.15, end_percent=0.95, verbose=False)
     with caplog.at_level(logging.INFO):
         out = mmdit_sampler(comfy, p, positive, negative, latent, model=cached, middle=middle, steps=16)
-    # EasyCache reaches the MMDiT: it skipped steps (its own summary line: "EasyCache - skipped N/M steps")
+    # the cache reaches the MMDiT: it skipped steps (its own summary line: "EasyCache - skipped N/M steps")
     found = re.findall(r"skipped (\d+)/(\d+) steps", caplog.text)
-    assert found and int(found[-1][0]) > 0, f"EasyCache skipped no step: {caplog.text[-2000:]}"
+    assert found and int(found[-1][0]) > 0, f"{cache} skipped no step: {caplog.text[-2000:]}"
     (tiled,) = call(comfy["core"].VAEDecodeTiled, samples=out, vae=comfy["vae"], tile_size=64, overlap=16,
                     temporal_size=64, temporal_overlap=8)
     assert_sane(tiled)
