@@ -137,4 +137,5 @@ from .memory import WEIGHT_DTYPES, OvisU1Encoder, load  # noqa: E402  (needs the
 
 if IN_COMFYUI:
     from . import core_model, core_vae, sampling  # noqa: E402,F401
+    from . import lora; lora.install()  # noqa: E402,E702  (trainers' LoRA layouts for the MMDiT)
 
