@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from tests.comfyui.test_generation import (  # noqa: F401  (comfy: the module's loaded ComfyUI + pack fixture)
     call, comfy, mmdit_sampler, pack_node, t2i_inputs)
+from tests.comfyui import layers
 from tests.comfyui.test_memory import COMFYUI_PATH, load
 from tests.golden import requires_golden
 
@@ -102,6 +103,33 @@ def loras(comfy, tmp_path_factory):
                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.randn(320, RANK)},
               str(folder / "sdxl_lora.safetensors"))
     return dict(names=names, factors=lora, folder=folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _lora_files_readable_with_lazy_layers(comfy):
+    """With OVIS_U1_LAZY_LAYERS=1 the Dynamic VRAM flag is set by hand (tests/comfyui/layers.py), and ComfyUI ≥ 0.18
+    then reads every .safetensors through comfy-aimdo's mmap (``comfy.utils.load_torch_file``), which a CPU cannot
+    initialise: the flag is lifted while LoraLoaderModelOnly reads the file, not while the LoRA is applied."""
+    import comfy.memory_management as memory_management
+    import comfy.utils as comfy_utils
+
+    original = comfy_utils.load_torch_file
+    if not layers.LAZY:
+        yield
+        return
+
+    def load_torch_file(*args, **kwargs):
+        memory_management.aimdo_enabled = False
+        try:
+            return original(*args, **kwargs)
+        finally:
+            memory_management.aimdo_enabled = True
+
+    comfy_utils.load_torch_file = load_torch_file
+    try:
+        yield
+    finally:
+        comfy_utils.load_torch_file = original
 
 
 def with_lora(model, name, strength=STRENGTH):
