@@ -110,13 +110,13 @@ def _lora_files_readable_with_lazy_layers(comfy):
     """With OVIS_U1_LAZY_LAYERS=1 the Dynamic VRAM flag is set by hand (tests/comfyui/layers.py), and ComfyUI ≥ 0.18
     then reads every .safetensors through comfy-aimdo's mmap (``comfy.utils.load_torch_file``), which a CPU cannot
     initialise: the flag is lifted while LoraLoaderModelOnly reads the file, not while the LoRA is applied."""
+    if not layers.LAZY:  # (and 0.3.64 has no comfy.memory_management)
+        yield
+        return
     import comfy.memory_management as memory_management
     import comfy.utils as comfy_utils
 
     original = comfy_utils.load_torch_file
-    if not layers.LAZY:
-        yield
-        return
 
     def load_torch_file(*args, **kwargs):
         memory_management.aimdo_enabled = False
