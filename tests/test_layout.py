@@ -156,7 +156,8 @@ def test_node_imports_form_no_cycle():
     def visit(module: str, trail: list[str]) -> None:
         state[module] = "open"
         for target in sorted(graph[module]):
-            assert state.get(target) != "open", "import cycle: " + " → ".join(m or "__init__" for m in [*trail, module, target])
+            cycle = " → ".join(m or "__init__" for m in [*trail, module, target])
+            assert state.get(target) != "open", f"import cycle: {cycle}"
             if target not in state:
                 visit(target, [*trail, module])
         state[module] = "done"
