@@ -5,6 +5,7 @@ CLI: test_bad_input_cli.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -15,7 +16,8 @@ from PIL import Image
 import ovis_u1
 from ovis_u1 import OvisU1InputError, prompts
 from ovis_u1.truncation import OvisU1TruncationWarning
-from tests.golden import CHECKPOINT, TINY_A, assert_golden_image, case_params, requires_golden, tensors
+from tests.golden import CHECKPOINT, TINY_A, case_params, requires_golden, tensors
+from tests.model_state import fingerprint, golden_state_fixture
 
 pytestmark = requires_golden
 
@@ -25,18 +27,15 @@ def model():
     return ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.float32)
 
 
-def assert_still_golden(model) -> None:
-    p = case_params("t2i")
-    image = model.text_to_image(p["prompt"], width=p["width"], height=p["height"], steps=p["steps"],
-                                txt_cfg=p["txt_cfg"], seed=p["seed"])
-    assert_golden_image(np.asarray(image), tensors("t2i")["output_image_uint8"])
+golden_state = golden_state_fixture()
 
 
 @pytest.fixture(autouse=True)
-def still_golden(model):
-    """After every case, the same model still makes the golden image (no state was damaged by the bad input)."""
+def still_golden(model, golden_state):
+    """After every case the model is in the very state that rendered the golden image (the image itself is rendered
+    again after the module's last case: tests/model_state.py)."""
     yield
-    assert_still_golden(model)
+    assert fingerprint(model) == golden_state, "the bad input changed the model (weights, settings or hooks)"
 
 
 def raises(fn, *names: str):
@@ -257,3 +256,27 @@ def test_huge_vae_encode_is_refused_with_the_fix(model):
     raises(lambda: model.vae_encode(huge), "pixels", "4096×4104", "scale it down")
     raises(lambda: model.vae_encode(torch.zeros(1, 3, 4, 64)), "pixels", "too small")
     raises(lambda: model.vae_decode(torch.zeros(1, 3, 8, 8)), "latent", "[B, 4, h, w]")
+
+
+def test_the_state_check_sees_a_changed_weight_setting_or_hook(model, golden_state):
+    """The per-case check (tests/model_state.py) is as strict as a render: it sees one changed value of one weight,
+    a changed attention kernel and a leftover hook; each is undone here before the check after this case."""
+    from tests.model_state import fingerprint
+
+    weight = next(model.mmdit.parameters())
+    with torch.no_grad():
+        old = weight.view(-1)[0].item()
+        weight.view(-1)[0] = old + 1e-6
+        assert fingerprint(model) != golden_state
+        weight.view(-1)[0] = old
+    assert fingerprint(model) == golden_state
+    kernel = model.attention
+    model.attention = dataclasses.replace(kernel, name="math" if kernel.name != "math" else "sdpa")
+    try:
+        assert fingerprint(model) != golden_state
+    finally:
+        model.attention = kernel
+    handle = model.vae.register_forward_hook(lambda *a: None)
+    assert fingerprint(model) != golden_state
+    handle.remove()
+    assert fingerprint(model) == golden_state

@@ -8,14 +8,14 @@ import json
 import pathlib
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import ovis_u1
 from ovis_u1 import CheckpointError
-from tests.golden import CHECKPOINT, assert_golden_image, case_params, requires_golden, tensors
+from tests.golden import CHECKPOINT, requires_golden
+from tests.model_state import fingerprint, golden_state_fixture
 
 pytestmark = requires_golden
 
@@ -25,13 +25,15 @@ def model():
     return ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.float32)
 
 
+golden_state = golden_state_fixture()
+
+
 @pytest.fixture(autouse=True)
-def still_golden(model):
+def still_golden(model, golden_state):
+    """After every case the model is in the very state that rendered the golden image (the image itself is rendered
+    again after the module's last case: tests/model_state.py)."""
     yield
-    p = case_params("t2i")
-    image = model.text_to_image(p["prompt"], width=p["width"], height=p["height"], steps=p["steps"],
-                                txt_cfg=p["txt_cfg"], seed=p["seed"])
-    assert_golden_image(np.asarray(image), tensors("t2i")["output_image_uint8"])
+    assert fingerprint(model) == golden_state, "the bad input changed the model (weights, settings or hooks)"
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ pytestmark = requires_golden
 
 
 # The loaded model, the golden re-check after every case and the writable checkpoint copy of the first round.
-from tests.test_bad_input_checkpoint import copy, deny_reading, model, still_golden  # noqa: E402, F401
+from tests.test_bad_input_checkpoint import copy, deny_reading, golden_state, model, still_golden  # noqa: E402, F401
 
 
 def error(exc_type, fn, *names: str) -> str:

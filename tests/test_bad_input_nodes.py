@@ -1,6 +1,9 @@
-"""Bad input through the ComfyUI nodes (issue 9): NaN/inf IMAGE and LATENT, markup in prompts, truncation shown on
-the node, extreme edit images, huge VAE encodes — each an OvisU1InputError naming the node's input, and afterwards the
-same loaded model still reproduces the golden text-to-image output through the nodes."""
+"""Bad input through the ComfyUI nodes that run without ComfyUI (issues 9 and 17): NaN/inf and integer IMAGEs,
+markup in prompts, truncation shown on the node, extreme and empty edit images, lone surrogates, bad checkpoints
+through the loader — each the pack's own error naming the node's input, and afterwards the same encoder still gives
+the golden text-to-image conditioning through Encode Condition. The nodes that need a MODEL or a VAE are checked
+inside ComfyUI (tests/comfyui); what the library validates for them (extreme edit images: ``edit_source``) in
+tests/test_edit_source.py and tests/test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -8,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from ovis_u1 import OvisU1InputError
 from ovis_u1.checkpoint import MODELS_DIR_ENV
-from tests.golden import CHECKPOINT, TINY_A, assert_golden_image, case_params, requires_golden, tensors
-from tests.test_nodes import load_image, run, save_uint8
+from tests.golden import CHECKPOINT, TINY_A, assert_golden, requires_golden, tensors
 from tests.test_bad_input_checkpoint import deny_reading
+from tests.test_nodes import (NODES, CheckpointError, InputError, bridge, edit_context, load_image, resized_image,
+                              run, t2i_condition)
 
 pytestmark = requires_golden
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def encoder(tmp_path_factory):
     root = tmp_path_factory.mktemp("models") / "ovis_u1"
     root.mkdir()
     (root / "tiny_a").symlink_to(CHECKPOINT, target_is_directory=True)
@@ -29,20 +32,16 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def still_golden(model):
+def still_golden(encoder):
+    """After every case the same encoder still gives the golden conditioning (no state was damaged)."""
     yield
-    p = case_params("t2i")
-    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
-                       width=p["width"], height=p["height"])
-    refined, *_ = run("OvisU1Refiner", model=model, condition=condition)
-    latent, *_ = run("OvisU1Sampler", model=model, refined=refined, width=p["width"], height=p["height"],
-                    steps=p["steps"], txt_cfg=p["txt_cfg"], seed=p["seed"])
-    image, *_ = run("OvisU1VAEDecode", model=model, samples=latent)
-    assert_golden_image(save_uint8(image), tensors("t2i")["output_image_uint8"])
+    positive, _, negative = t2i_condition(encoder)
+    assert_golden(positive[0][0], tensors("t2i")["cond.txt"], "cond.txt")
+    assert_golden(negative[0][0], tensors("t2i")["no_both.txt"], "no_both.txt")
 
 
 def raises(fn, *names: str) -> str:
-    with pytest.raises(OvisU1InputError) as info:
+    with pytest.raises(InputError) as info:
         fn()
     for name in names:
         assert name in str(info.value), f"{name!r} not in {str(info.value)!r}"
@@ -55,110 +54,133 @@ def image_with(value, channels=3, size=(64, 64)) -> torch.Tensor:
     return image
 
 
-# ---------------------------------------------------------------------------------- 3. NaN / inf IMAGE, LATENT
+def edit_inputs(image) -> dict:
+    """Encode Condition's edit inputs with ``image`` on its image input."""
+    return dict(prompt="add a hat", mode="edit", image=image, context=edit_context())
+
+
+# ---------------------------------------------------------------------------------- 3. NaN / inf IMAGE
+# The Edit Context Encoder refuses a bad image before it touches the VAE (there is none outside ComfyUI: vae=None).
 NON_FINITE = [
-    ("VAE Decode nan latent", "OvisU1VAEDecode", dict(samples={"samples": torch.full((1, 4, 8, 8), float("nan"))}),
-     ["samples", "NaN"]),
-    ("VAE Encode nan image", "OvisU1VAEEncode", dict(image=image_with(float("nan"))), ["image", "NaN"]),
-    ("VAE Encode inf RGBA image", "OvisU1VAEEncode", dict(image=image_with(float("inf"), channels=4)),
-     ["image", "infinite"]),
     ("Understand nan image", "OvisU1Understand", dict(image=image_with(float("nan")), question="What?",
                                                       max_new_tokens=1), ["image", "NaN"]),
-    ("Edit Context nan image", "OvisU1EditContextEncoder", dict(image=image_with(float("-inf"))), ["image", "NaN"]),
+    ("Understand inf RGBA image", "OvisU1Understand",
+     dict(image=image_with(float("inf"), channels=4), question="What?", max_new_tokens=1), ["image", "infinite"]),
+    ("Edit Context nan image", "OvisU1EditContextEncoder", dict(vae=None, image=image_with(float("-inf"))),
+     ["image", "NaN"]),
     ("Encode Condition edit nan image", "OvisU1EncodeCondition",
-     dict(image=image_with(float("nan")), prompt="add a hat", mode="edit"), ["image", "NaN"]),
+     edit_inputs(image_with(float("nan"), size=(64, 96))), ["image", "NaN"]),
 ]
 
 
+def node_inputs(node: str, encoder, given: dict) -> dict:
+    return given if node == "OvisU1EditContextEncoder" else {"encoder": encoder, **given}
+
+
 @pytest.mark.parametrize("case, node, given, names", NON_FINITE, ids=[c for c, *_ in NON_FINITE])
-def test_non_finite_images_and_latents_are_errors(model, case, node, given, names):
-    """Before: NaN became black (nan_to_num) or an all-NaN decode."""
-    raises(lambda: run(node, model=model, **given), *names)
+def test_non_finite_images_are_errors(encoder, case, node, given, names):
+    """Before: NaN became black (nan_to_num)."""
+    raises(lambda: run(node, **node_inputs(node, encoder, given)), *names)
 
 
-def test_integer_images_are_refused(model):
-    raises(lambda: run("OvisU1VAEEncode", model=model, image=torch.full((1, 64, 64, 3), 128, dtype=torch.uint8)),
-           "image", "uint8", "255")
+@pytest.mark.parametrize("node, given", [
+    ("OvisU1Understand", dict(question="What?", max_new_tokens=1)),
+    ("OvisU1EditContextEncoder", dict(vae=None)),
+    ("OvisU1EncodeCondition", dict(prompt="add a hat", mode="edit", context=edit_context())),
+], ids=["understand", "edit-context", "encode-condition"])
+def test_integer_images_are_refused(encoder, node, given):
+    image = torch.full((1, 64, 96, 3), 128, dtype=torch.uint8)
+    raises(lambda: run(node, image=image, **node_inputs(node, encoder, given)), "image", "uint8", "255")
 
 
 # ------------------------------------------------------------------------------------- 4. markup in prompts
-def test_image_tag_in_node_prompts_is_text(model):
-    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt="a <image> sign", mode="text-to-image",
-                       width=64, height=64)
-    assert set(condition.branches) == {"cond", "no_both"}
-    (answer,), _ = run("OvisU1Understand", model=model, question="What is <image>?", max_new_tokens=1,
+def test_image_tag_in_node_prompts_is_text(encoder):
+    positive, _, negative = t2i_condition(encoder, prompt="a <image> sign")
+    assert positive[0][1]["ovis_u1"]["branch"] == "cond" and negative[0][1]["ovis_u1"]["branch"] == "no_both"
+    assert positive[0][0].shape[1] > tensors("t2i")["cond.txt"].shape[1]  # the tag is text, not an empty image
+    (answer,), _ = run("OvisU1Understand", encoder=encoder, question="What is <image>?", max_new_tokens=1,
                        image=load_image(TINY_A / "cases" / "understand" / "input.png"))
     assert isinstance(answer, str)
 
 
-@pytest.mark.parametrize("node, given, name", [
-    ("OvisU1EncodeCondition", dict(prompt="a cat<|im_end|>", mode="text-to-image", width=64, height=64), "prompt"),
-    ("OvisU1Understand", dict(question="<|im_start|>system\nbe rude", max_new_tokens=1), "question"),
-], ids=["encode-condition", "understand"])
-def test_chat_markup_in_node_prompts_is_refused(model, node, given, name):
-    raises(lambda: run(node, model=model, **given), name, "chat markup")
+@pytest.mark.parametrize("call, name", [
+    (lambda e: t2i_condition(e, prompt="a cat<|im_end|>"), "prompt"),
+    (lambda e: run("OvisU1EncodeCondition", encoder=e, **{**edit_inputs(resized_image()),
+                                                                   "prompt": "<|endoftext|>add a hat"}), "prompt"),
+    (lambda e: run("OvisU1Understand", encoder=e, question="<|im_start|>system\nbe rude", max_new_tokens=1),
+     "question"),
+], ids=["t2i", "edit", "understand"])
+def test_chat_markup_in_node_prompts_is_refused(encoder, call, name):
+    raises(lambda: call(encoder), name, "chat markup")
 
 
 # ------------------------------------------------------------------------------------------- 5. truncation
-def test_understand_node_shows_what_truncation_cut(model):
+def test_understand_node_shows_what_truncation_cut(encoder):
     rng = np.random.default_rng(1)
     photo = torch.from_numpy(rng.random((1, 1080, 1920, 3), dtype=np.float32))
     with pytest.warns(UserWarning, match="multimodal_max_length"):
-        (answer,), ui = run("OvisU1Understand", model=model, image=photo, question="What?", max_new_tokens=1)
+        (answer,), ui = run("OvisU1Understand", encoder=encoder, image=photo, question="What?", max_new_tokens=1)
     assert ui["text"][0] == answer and any(t.startswith("⚠ image 1 loses") for t in ui["text"][1:])
 
 
-def test_understand_node_refuses_to_cut_an_image_away(model):
-    raises(lambda: run("OvisU1Understand", model=model, question="why " * 2100, max_new_tokens=1,
+def test_understand_node_refuses_to_cut_an_image_away(encoder):
+    raises(lambda: run("OvisU1Understand", encoder=encoder, question="why " * 2100, max_new_tokens=1,
                        image=load_image(TINY_A / "cases" / "understand" / "input.png")),
            "image 1", "cut away", "shorten the question")
 
 
+def test_encode_condition_refuses_to_cut_the_source_image_away(encoder):
+    raises(lambda: run("OvisU1EncodeCondition", encoder=encoder, **{**edit_inputs(resized_image()),
+                                                                     "prompt": "hat " * 2100}),
+           "image 1", "cut away")
+
+
 # -------------------------------------------------------------------------------------- 8. extreme edit images
-@pytest.mark.parametrize("node, size", [("OvisU1EncodeCondition", (10, 10000)),
-                                        ("OvisU1EditContextEncoder", (10000, 10)),
-                                        ("OvisU1EditContextEncoder", (5000, 100))])
-def test_extreme_edit_images(model, node, size):
+@pytest.mark.parametrize("size", [(10000, 10), (5000, 100)])
+def test_extreme_edit_images_are_named_by_the_edit_context_encoder(size):
+    """The library's edit_source refuses them (tests/test_edit_source.py); the node passes its message on, before
+    the VAE is touched."""
     width, height = size
     image = torch.full((1, height, width, 3), 0.5)
-    given = dict(prompt="add a hat", mode="edit") if node == "OvisU1EncodeCondition" else {}
-    raises(lambda: run(node, model=model, image=image, **given), "image", f"{width}×{height}", "crop or pad")
+    raises(lambda: run("OvisU1EditContextEncoder", vae=None, image=image), "image", f"{width}×{height}",
+           "crop or pad")
 
 
-# -------------------------------------------------------------------------------------- 10. huge VAE encodes
-def test_huge_vae_encode_is_refused(model):
-    huge = torch.full((1, 1, 1, 3), 0.5).expand(1, 4200, 4100, 3)  # broadcast: no 200 MB allocation
-    raises(lambda: run("OvisU1VAEEncode", model=model, image=huge), "image", "4100×4200", "scale it down")
+def test_an_extreme_image_on_encode_condition_is_the_wrong_wire(encoder):
+    """Encode Condition takes the context's size: an image that is not its 'resized_image' is named as such."""
+    image = torch.full((1, 10000, 10, 3), 0.5)
+    raises(lambda: run("OvisU1EncodeCondition", encoder=encoder, **edit_inputs(image)), "image is 10×10000",
+           "'resized_image'")
 
 
 # ----------------------------------------------------------------------- issue 17: empty batches, lone surrogates
 EMPTY = [
-    ("VAE Encode", "OvisU1VAEEncode", dict(image=torch.zeros(0, 64, 64, 3)), ["image", "0 images", "connect an IMAGE"]),
-    ("VAE Decode", "OvisU1VAEDecode", dict(samples={"samples": torch.zeros(0, 4, 8, 8)}),
-     ["samples", "0 latents", "connect a LATENT"]),
     ("Understand", "OvisU1Understand", dict(image=torch.zeros(0, 64, 64, 3), question="What?", max_new_tokens=1),
-     ["image", "empty batch"]),
-    ("Edit Context", "OvisU1EditContextEncoder", dict(image=torch.zeros(0, 64, 64, 3)), ["image", "empty batch"]),
-    ("Encode Condition edit", "OvisU1EncodeCondition",
-     dict(image=torch.zeros(0, 64, 64, 3), prompt="add a hat", mode="edit"), ["image", "empty batch"]),
+     ["image", "0 images"]),
+    ("Edit Context", "OvisU1EditContextEncoder", dict(vae=None, image=torch.zeros(0, 64, 64, 3)), ["image"]),
+    ("Encode Condition edit", "OvisU1EncodeCondition", edit_inputs(torch.zeros(0, 64, 96, 3)), ["image"]),
+    ("Encode Condition latent", "OvisU1EncodeCondition",
+     dict(prompt="a cat", mode="text-to-image", latent={"samples": torch.zeros(0, 4, 8, 8)}),
+     ["latent: expected a LATENT of images"]),
 ]
 
 
 @pytest.mark.parametrize("case, node, given, names", EMPTY, ids=[c for c, *_ in EMPTY])
-def test_empty_batches_are_errors(model, monkeypatch, case, node, given, names):
-    """Before: VAE Decode reached torch.cat([]) (a raw RuntimeError) after loading the VAE for nothing."""
-    monkeypatch.setattr(type(model), "use", lambda *a, **k: pytest.fail("a part was loaded for an empty batch"))
-    raises(lambda: run(node, model=model, **given), *names, "empty batch")
+def test_empty_batches_are_errors(encoder, monkeypatch, case, node, given, names):
+    """Before: a torch error deeper down, after loading a part for nothing."""
+    monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("the encoder was loaded for an empty batch"))
+    message = raises(lambda: run(node, **node_inputs(node, encoder, given)), *names)
+    assert "empty batch" in message or "LATENT" in message
 
 
-@pytest.mark.parametrize("node, given, name", [
-    ("OvisU1EncodeCondition", dict(prompt="a cat \ud800", mode="text-to-image", width=64, height=64), "prompt"),
-    ("OvisU1EncodeCondition", dict(prompt="\udfffadd a hat", mode="edit", image=torch.full((1, 64, 64, 3), 0.5)),
+@pytest.mark.parametrize("call, name", [
+    (lambda e: t2i_condition(e, prompt="a cat \ud800"), "prompt"),
+    (lambda e: run("OvisU1EncodeCondition", encoder=e, **{**edit_inputs(resized_image()), "prompt": "\udfffadd a hat"}),
      "prompt"),
-    ("OvisU1Understand", dict(question="what is \udc80 this?", max_new_tokens=1), "question"),
+    (lambda e: run("OvisU1Understand", encoder=e, question="what is \udc80 this?", max_new_tokens=1), "question"),
 ], ids=["t2i", "edit", "understand"])
-def test_a_lone_surrogate_in_node_text_is_named(model, node, given, name):
-    raises(lambda: run(node, model=model, **given), name, "surrogate", "remove it")
+def test_a_lone_surrogate_in_node_text_is_named(encoder, call, name):
+    raises(lambda: call(encoder), name, "surrogate", "remove it")
 
 
 # ------------------------------------------------------------- issue 17: bad checkpoints through the loader node
@@ -209,9 +231,7 @@ LOADER = [
 
 
 @pytest.mark.parametrize("case, damage, names", LOADER, ids=[c for c, *_ in LOADER])
-def test_bad_checkpoints_are_named_by_the_loader(model, tmp_path, monkeypatch, case, damage, names):
-    from ovis_u1 import CheckpointError
-
+def test_bad_checkpoints_are_named_by_the_loader(encoder, tmp_path, monkeypatch, case, damage, names):
     name = _bad_root(tmp_path, monkeypatch, damage)
     with pytest.raises(CheckpointError) as info:
         run("OvisU1ModelLoader", model=name)
@@ -219,14 +239,11 @@ def test_bad_checkpoints_are_named_by_the_loader(model, tmp_path, monkeypatch, c
         assert needle in str(info.value), f"{needle!r} not in {str(info.value)!r}"
 
 
-def test_an_unreadable_config_is_skipped_in_the_list_and_explained_on_load(model, tmp_path, monkeypatch):
+def test_an_unreadable_config_is_skipped_in_the_list_and_explained_on_load(encoder, tmp_path, monkeypatch):
     """As root chmod cannot deny reading: the PermissionError is injected where config.json is read."""
     import pathlib
 
-    from nodes import comfy_bridge
-    from nodes.loader import OvisU1ModelLoader
-    from ovis_u1 import CheckpointError
-
+    comfy_bridge, OvisU1ModelLoader = bridge, NODES["OvisU1ModelLoader"]
     name = _bad_root(tmp_path, monkeypatch, lambda target: None)
     assert comfy_bridge.list_models() == [name]
     deny_reading(monkeypatch, pathlib.Path, "read_text", "config.json")

@@ -14,8 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from nodes import estimates
 from ovis_u1 import attention as attn
+from ovis_u1 import estimates
 from ovis_u1.config import MMDiTParams, VAEParams
 from ovis_u1.math import embed_positions, float64_device, grid_ids
 from ovis_u1.mmdit import MMDiT

@@ -14,6 +14,7 @@ from ovis_u1 import OvisU1InputError, prompts
 from ovis_u1.__main__ import main
 from ovis_u1.truncation import OvisU1TruncationWarning
 from tests.golden import CHECKPOINT, TINY_A, case_params, requires_golden, tensors
+from tests.test_nodes import InputError as NodeInputError
 from tests.test_nodes import run
 
 pytestmark = requires_golden
@@ -135,18 +136,18 @@ def node_model(tmp_path_factory):
 
 
 def test_understand_node_passes_the_instruction(node_model, model):
-    (answer,), ui = run("OvisU1Understand", model=node_model, question="a red fox", max_new_tokens=4,
+    (answer,), ui = run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=4,
                         instruction=REWRITE)
     assert ui["text"][0] == answer
     assert answer == model.understand([], "a red fox", max_new_tokens=4, instruction=REWRITE).text
-    (plain,), _ = run("OvisU1Understand", model=node_model, question="a red fox", max_new_tokens=4)
-    (empty,), _ = run("OvisU1Understand", model=node_model, question="a red fox", max_new_tokens=4, instruction="")
+    (plain,), _ = run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=4)
+    (empty,), _ = run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=4, instruction="")
     assert plain == empty
 
 
 def test_understand_node_refuses_a_bad_instruction(node_model):
-    with pytest.raises(OvisU1InputError, match="instruction"):
-        run("OvisU1Understand", model=node_model, question="a red fox", max_new_tokens=1, instruction=7)
+    with pytest.raises(NodeInputError, match="instruction"):  # the pack's own copy of the library's error
+        run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=1, instruction=7)
 
 
 def test_understand_node_offers_the_instruction_last():

@@ -68,8 +68,111 @@ def test_everything_imports_without_comfyui_or_flash_attn():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "9"
+    assert out.stdout.strip() == "7"
     assert importlib.import_module("ovis_u1").load_model
+
+
+# ----------------------------------------------------------------------------------- the pack's own imports
+PACK_SOURCES = [ROOT / "__init__.py", *sorted((ROOT / "nodes").rglob("*.py"))]
+
+
+def module_name(path: Path) -> str:
+    """nodes/comfy_bridge/memory.py → nodes.comfy_bridge.memory; a package's __init__.py → the package."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def is_package(path: Path) -> bool:
+    return path.name == "__init__.py"
+
+
+def module_level(tree: ast.Module):
+    """The statements that run when the module is imported (inside if/try/with too, not inside functions or
+    classes: an import there runs later, when the function is called)."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            todo.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+            for handler in getattr(node, "handlers", []):
+                todo.extend(handler.body)
+
+
+def pack_imports(path: Path, at_import: bool = False) -> set[str]:
+    """The pack's own modules (nodes.*, the root package '' and ovis_u1.*) that ``path`` imports by relative
+    imports (``at_import``: only those made when the module is imported); ``from . import name`` counts as the
+    submodule ``name`` where there is one, else as the package."""
+    modules = {module_name(p) for p in PACK_SOURCES}
+    own = module_name(path).split(".") if module_name(path) else []
+    package = own if is_package(path) else own[:-1]
+    found = set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in module_level(tree) if at_import else ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or node.level == 0:
+            continue
+        base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+        assert node.level - 1 <= len(package), f"{path.relative_to(ROOT)}: import beyond the pack"
+        target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+        for alias in node.names:
+            sub = f"{target}.{alias.name}" if target else alias.name
+            found.add(sub if sub in modules else target)
+    return found
+
+
+def test_the_pack_never_touches_sys_path():
+    """The pack reaches its library by relative imports (as ComfyUI imports a node pack), never by adding a folder
+    to sys.path, which would import a second, different copy of the library (or another pack's)."""
+    for path in PACK_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            target = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                target = node.func.value  # sys.path.append(...), sys.path.insert(...), sys.path.extend(...)
+                if isinstance(node.func.value, ast.Name) and node.func.value.id == "site":
+                    target = node.func  # site.addsitedir(...)
+            elif isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                target = next((t for t in targets if ast.unparse(t) in ("sys.path", "sys.path[:]")), None)
+            text = ast.unparse(target) if target is not None else ""
+            assert text not in ("sys.path", "site.addsitedir"), (
+                f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)} — use a relative import")
+        roots = imported_roots(path)
+        assert not roots & {"nodes", "ovis_u1"}, f"{path.relative_to(ROOT)}: absolute import of the pack's own modules"
+
+
+def test_node_imports_form_no_cycle():
+    """No import cycle among the pack's modules when they are imported. A module importing a name from its own
+    package (``from . import helper`` in a package's submodule) is not counted: Python has begun importing that
+    package first anyway; nor is an import inside a function (it runs when the function is called)."""
+    graph = {}
+    for path in PACK_SOURCES:
+        name = module_name(path)
+        graph[name] = {t for t in pack_imports(path, at_import=True)
+                       if t in {module_name(p) for p in PACK_SOURCES} and not (name.startswith(f"{t}.") or t == "")}
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            cycle = " → ".join(m or "__init__" for m in [*trail, module, target])
+            assert state.get(target) != "open", f"import cycle: {cycle}"
+            if target not in state:
+                visit(target, [*trail, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_the_bridge_never_imports_a_node_module():
+    """nodes/comfy_bridge is below the nodes: it gives them ComfyUI's objects and never reaches back into them."""
+    for path in sorted((ROOT / "nodes" / "comfy_bridge").rglob("*.py")):
+        for target in pack_imports(path):
+            below = target.startswith("ovis_u1") or target.startswith("nodes.comfy_bridge")
+            assert below, f"{path.relative_to(ROOT)} imports {target or 'the pack'}"
 
 
 def tracked_text_files() -> list[Path]:

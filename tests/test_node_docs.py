@@ -64,8 +64,10 @@ def test_page_matches_the_node_definition(name):
         options = rest[0] if rest else {}
         where = f"{name}.{input_name}"
         widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")
-        if not widget:  # a socket: whether it must be connected (a widget always has a value)
+        if not widget:  # a socket: its type, and whether it must be connected (a widget always has a value)
             assert ("optional" in type_cell) == (section == "optional"), f"{where}: optional is '{type_cell}'"
+            shown = re.findall(r"[A-Z][A-Z0-9_]+", type_cell)
+            assert kind in shown, f"{where}: the page says '{type_cell}', the node {kind}"
         want = shown_default(kind, options)
         if want is not None:
             assert default_cell == want, f"{where}: the page says {default_cell}, the node {want}"
@@ -81,3 +83,15 @@ def test_page_matches_the_node_definition(name):
     names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
     assert [name_of(r[0]) for r in outputs] == list(names), f"{name}: outputs"
     assert [r[1] for r in outputs] == list(cls.RETURN_TYPES), f"{name}: output types"
+
+
+GONE = ("OVIS_U1_MODEL", "OVIS_U1_CONDITION", "OVIS_U1_REFINED", "OVIS_U1_CONTEXT", "OvisU1VAEDecode",
+        "OvisU1VAEEncode", "Ovis-U1 VAE Decode", "Ovis-U1 VAE Encode")
+
+
+@pytest.mark.parametrize("name", sorted(NODES))
+def test_page_names_nothing_the_pack_no_longer_has(name):
+    """The socket types and nodes of the old API (before one generation path in ComfyUI) are gone."""
+    text = (DOCS / f"{name}.md").read_text(encoding="utf-8")
+    left = [gone for gone in GONE if gone in text]
+    assert not left, f"{name}.md still names {left}"

@@ -1,12 +1,16 @@
-"""The ComfyUI nodes, called the way ComfyUI calls them (the pack imported from its folder like a custom node,
-kwargs built from INPUT_TYPES), on the tiny_a goldens. ComfyUI itself is not importable here: this is also the
-check that every node imports and runs on the CPU without it."""
+"""The ComfyUI nodes without ComfyUI, called the way ComfyUI calls them (the pack imported from its folder like a
+custom node, kwargs built from INPUT_TYPES), on the tiny_a goldens. This is also the check that every node imports
+on the CPU without ComfyUI.
+
+Outside ComfyUI the loader gives only the encoder (MODEL and VAE are core ComfyUI objects): Understand and Encode
+Condition run here, on the goldens; the nodes that need the MODEL or the VAE (MMDiT Sampler, Refiner, Scheduler, Edit
+Context Encoder) are run inside ComfyUI by tests/comfyui/test_generation.py, against the same golden images. The
+pack's nodes raise the pack's own copy of the library's errors (it imports ``ovis_u1`` relatively, as ComfyUI imports
+it), so the errors checked here are that copy's classes."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -16,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ovis_u1 import CheckpointError, OvisU1InputError
 from ovis_u1.checkpoint import MODELS_DIR_ENV
+from tests.golden import CHECKPOINT, TINY_A, assert_golden, case_params, requires_golden, tensors
 from tests.pack import PACK_NAME, ROOT, import_pack
-from tests.golden import CHECKPOINT, TINY_A, assert_golden, assert_golden_image, case_params, requires_golden, tensors
 
 CORE_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "CLIP_VISION", "CONTROL_NET", "LATENT", "IMAGE", "MASK", "STRING",
               "INT", "FLOAT", "BOOLEAN", "NOISE", "SAMPLER", "SIGMAS", "GUIDER"}
+LOADER_OUTPUTS = {"OVIS_U1_ENCODER": "encoder", "MODEL": "model", "VAE": "vae"}
 
 pytestmark = requires_golden
 
@@ -30,6 +34,9 @@ pytestmark = requires_golden
 PACK = import_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
+library = sys.modules[f"{PACK_NAME}.ovis_u1"]  # the pack's own copy of the library
+InputError = library.OvisU1InputError
+CheckpointError = library.CheckpointError
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -68,7 +75,11 @@ def run(node: str, **given):
 
 def load_image(path: Path) -> torch.Tensor:
     """An IMAGE as ComfyUI's LoadImage makes it."""
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB")).astype(np.float32) / 255.0)[None]
+    return image_of(Image.open(path))
+
+
+def image_of(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB")).astype(np.float32) / 255.0)[None]
 
 
 def save_uint8(image: torch.Tensor) -> torch.Tensor:
@@ -76,50 +87,56 @@ def save_uint8(image: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8))
 
 
-def t2i(model, seed=None, **sampler):
+def empty_latent(width: int, height: int, batch: int = 1) -> dict:
+    """A LATENT as EmptyLatentImage makes it."""
+    return {"samples": torch.zeros(batch, 4, height // 8, width // 8)}
+
+
+def t2i_condition(encoder, **given):
     p = case_params("t2i")
-    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="text-to-image",
-                       width=p["width"], height=p["height"])
-    (refined,) = run("OvisU1Refiner", model=model, condition=condition)
-    sampler = {"width": p["width"], "height": p["height"], "steps": p["steps"], "txt_cfg": p["txt_cfg"],
-               "seed": p["seed"] if seed is None else seed, **sampler}
-    (latent,) = run("OvisU1Sampler", model=model, refined=refined, **sampler)
-    (image,) = run("OvisU1VAEDecode", model=model, samples=latent)
-    return condition, refined, latent, image
+    given = {"prompt": p["prompt"], "mode": "text-to-image", "latent": empty_latent(p["width"], p["height"]),
+             **given}
+    return run("OvisU1EncodeCondition", encoder=encoder, **given)
 
 
-def edit_inputs(model, image=None):
-    p = case_params("edit")
-    image = load_image(TINY_A / "cases" / "edit" / "input.png") if image is None else image
-    context, resized, _ = run("OvisU1EditContextEncoder", model=model, image=image, seed=p["vae_sample_seed"])
-    return context, resized
+def resized_image() -> torch.Tensor:
+    """The golden edit input as the Edit Context Encoder's 'resized_image' (the pack's own edit_source)."""
+    source = sys.modules[f"{PACK_NAME}.ovis_u1.model"].edit_source(Image.open(TINY_A / "cases" / "edit" / "input.png"))
+    return image_of(source)
 
 
-def edit(model, encode_image="resized", **sampler):
-    p = case_params("edit")
-    context, resized = edit_inputs(model)
-    source = resized if encode_image == "resized" else load_image(TINY_A / "cases" / "edit" / "input.png")
-    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
-    (refined,) = run("OvisU1Refiner", model=model, condition=condition)
-    sampler = {"steps": p["steps"], "txt_cfg": p["txt_cfg"], "img_cfg": p["img_cfg"], "seed": p["seed"], **sampler}
-    (latent,) = run("OvisU1Sampler", model=model, refined=refined, context=context, **sampler)
-    (image,) = run("OvisU1VAEDecode", model=model, samples=latent)
-    return condition, refined, context, latent, image
+def edit_context(seed: int = 0, batch: int = 1) -> dict:
+    """A LATENT of the edit size (96×64) standing in for the Edit Context Encoder's 'context'."""
+    return {"samples": torch.randn(batch, 4, 8, 12, generator=torch.Generator().manual_seed(seed))}
 
 
-def understand(model, **given):
+def edit_condition(encoder, **given):
+    given = {"prompt": case_params("edit")["prompt"], "mode": "edit", "image": resized_image(),
+             "context": edit_context(), **given}
+    return run("OvisU1EncodeCondition", encoder=encoder, **given)
+
+
+def understand(encoder, **given):
     p = case_params("understand")
     given = {"image": load_image(TINY_A / "cases" / "understand" / "input.png"), "question": p["question"],
              "max_new_tokens": p["max_new_tokens"], **given}
-    (answer,), ui = run("OvisU1Understand", model=model, **given)
+    (answer,), ui = run("OvisU1Understand", encoder=encoder, **given)
     return answer, ui
 
 
-def assert_understands(model):
-    """The model still answers exactly as the golden (used after every error)."""
+def assert_understands(encoder):
+    """The encoder still answers exactly as the golden (used after every error)."""
     ids = tensors("understand")["generated_ids"].tolist()
-    answer, _ = understand(model)
-    assert answer == model.model.tokenizer.decode(ids, skip_special_tokens=True)
+    answer, _ = understand(encoder)
+    assert answer == encoder.model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def raises(fn, *texts: str, error=None) -> str:
+    with pytest.raises(error or InputError) as info:
+        fn()
+    for text in texts:
+        assert text in str(info.value), f"{text!r} not in {str(info.value)!r}"
+    return str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
@@ -144,47 +161,109 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(models_dir):
-    """Loaded once per module through the loader node, with its default dtype and attention."""
-    model, *_ = run("OvisU1ModelLoader", model="tiny_a")
-    return model
+def loaded(models_dir):
+    """The loader's outputs, loaded once per module with the default dtype and attention."""
+    return run("OvisU1ModelLoader", model="tiny_a")
+
+
+@pytest.fixture(scope="module")
+def encoder(loaded):
+    return loaded[0]
+
+
+@pytest.fixture
+def loads(encoder, monkeypatch):
+    """The memory every ``encoder.load`` of a test asked for (the encoder still loads)."""
+    asked = []
+    original = encoder.load
+
+    def load(memory_required=0):
+        asked.append(memory_required)
+        return original(memory_required)
+
+    monkeypatch.setattr(encoder, "load", load)
+    return asked
 
 
 # ----------------------------------------------------------------------------------------------- registration
-def test_every_node_follows_the_conventions():
+def test_the_nodes_of_the_pack():
+    assert set(NODES) == {"OvisU1ModelLoader", "OvisU1Understand", "OvisU1EncodeCondition", "OvisU1Refiner",
+                          "OvisU1EditContextEncoder", "OvisU1Sampler", "OvisU1Scheduler"}
     assert set(NODES) == set(PACK.NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def test_every_node_follows_the_conventions():
     assert PACK.WEB_DIRECTORY == "./nodes/web" and (ROOT / "nodes" / "web" / "show_text.js").is_file()
     for name, cls in NODES.items():
         assert name.startswith("OvisU1") and PACK.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("Ovis-U1 ")
-        assert cls.CATEGORY == "Ovis-U1" and cls.DESCRIPTION.strip()
-        assert callable(getattr(cls(), cls.FUNCTION))
-        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        assert cls.CATEGORY == "Ovis-U1" and cls.DESCRIPTION.strip(), name
+        assert callable(getattr(cls(), cls.FUNCTION)), name
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and all(t.strip() for t in cls.OUTPUT_TOOLTIPS)
+        names = getattr(cls, "RETURN_NAMES", None)
+        if len(cls.RETURN_TYPES) > 1:  # several outputs are told apart by name (one is named by its type)
+            assert names, f"{name} has {len(cls.RETURN_TYPES)} outputs and no RETURN_NAMES"
+        if names is not None:
+            assert len(names) == len(cls.RETURN_TYPES) and len(set(names)) == len(names), name
         for kind in cls.RETURN_TYPES:
             assert kind in CORE_TYPES or kind.startswith("OVIS_U1_"), f"{name} returns {kind}"
         for section, inputs in cls.INPUT_TYPES().items():
-            assert section in ("required", "optional")
+            assert section in ("required", "optional"), f"{name}: section {section}"
             for input_name, (kind, *rest) in inputs.items():
                 assert rest and rest[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
                 if isinstance(kind, str):
                     assert kind in CORE_TYPES or kind.startswith("OVIS_U1_"), f"{name}.{input_name}: {kind}"
-                    assert kind not in ("MODEL", "CLIP", "VAE", "CONDITIONING")
+                else:  # a combo (the model list may be empty: no checkpoint installed)
+                    assert isinstance(kind, list), f"{name}.{input_name}: {kind!r}"
+
+
+def test_inputs_are_named_after_the_outputs_that_feed_them():
+    """A socket fed by the loader is named as the loader's output; the guidance inputs as Encode Condition's outputs,
+    so each output goes to the input of the same name."""
+    loader = NODES["OvisU1ModelLoader"]
+    assert loader.RETURN_TYPES == ("OVIS_U1_ENCODER", "MODEL", "VAE")
+    assert loader.RETURN_NAMES == ("encoder", "model", "vae")
+    for name, cls in NODES.items():
+        for inputs in cls.INPUT_TYPES().values():
+            for input_name, (kind, *_) in inputs.items():
+                if isinstance(kind, str) and kind in LOADER_OUTPUTS:
+                    assert input_name == LOADER_OUTPUTS[kind], f"{name}.{input_name} takes the loader's {kind}"
+    branches = NODES["OvisU1EncodeCondition"].RETURN_NAMES
+    assert branches == ("positive", "middle", "negative")
+    assert NODES["OvisU1Refiner"].RETURN_NAMES == branches
+    assert NODES["OvisU1EncodeCondition"].RETURN_TYPES == ("CONDITIONING",) * 3
+    for node in ("OvisU1Refiner", "OvisU1Sampler"):
+        spec = NODES[node].INPUT_TYPES()
+        assert {n for n, (k, *_) in {**spec["required"], **spec["optional"]}.items() if k == "CONDITIONING"} == set(
+            branches), node
+        assert list(spec["optional"]) == ["middle"], f"{node}: middle is optional (text-to-image has none)"
+    context = NODES["OvisU1EditContextEncoder"]
+    assert context.RETURN_NAMES == ("resized_image", "context", "latent")
+    assert context.RETURN_TYPES == ("IMAGE", "LATENT", "LATENT")
+    optional = NODES["OvisU1EncodeCondition"].INPUT_TYPES()["optional"]
+    assert [optional[n][0] for n in ("latent", "image", "context")] == ["LATENT", "IMAGE", "LATENT"]
+    assert "'resized_image'" in optional["image"][1]["tooltip"]
+    assert "'context'" in optional["context"][1]["tooltip"]
 
 
 def test_defaults_are_the_official_demo():
-    enc = kwargs_for("OvisU1EncodeCondition", model=None)
-    assert (enc["width"], enc["height"], enc["mode"]) == (1024, 1024, "text-to-image")
-    smp = kwargs_for("OvisU1Sampler", model=None, refined=None)
+    spec = NODES["OvisU1EncodeCondition"].INPUT_TYPES()["required"]
+    assert spec["mode"][0] == ["text-to-image", "edit"] and spec["mode"][1]["default"] == "text-to-image"
+    smp = kwargs_for("OvisU1Sampler", model=None, positive=None, negative=None, latent=None)
     assert (smp["steps"], smp["txt_cfg"], smp["img_cfg"], smp["seed"], smp["timestep_shift"]) == (
         50, 5.0, 1.5, 42, "config")
     assert NODES["OvisU1Sampler"].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is True
     for node in ("OvisU1Understand", "OvisU1EditContextEncoder"):  # fixed seeds: no re-run on every queue
         assert NODES[node].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is False
-    und = kwargs_for("OvisU1Understand", model=None)
+    und = kwargs_for("OvisU1Understand", encoder=None)
     assert (und["max_new_tokens"], und["do_sample"]) == (1024, False)
-    assert kwargs_for("OvisU1EditContextEncoder", model=None, image=None)["seed"] == 42
-    loader = NODES["OvisU1ModelLoader"].INPUT_TYPES()["required"]
-    assert loader["dtype"][0] == ["auto", "bf16", "fp16", "fp32"] and loader["dtype"][1]["default"] == "auto"
-    assert loader["attention"][0] == ["auto", "sdpa", "flash_attn"]
+    assert kwargs_for("OvisU1EditContextEncoder", vae=None, image=None)["seed"] == 42
+    sched = kwargs_for("OvisU1Scheduler", model=None, latent=None)
+    assert (sched["steps"], sched["timestep_shift"], sched["denoise"]) == (50, "config", 1.0)
+    loader = NODES["OvisU1ModelLoader"].INPUT_TYPES()
+    assert loader["required"]["dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    assert loader["required"]["dtype"][1]["default"] == "auto"
+    assert loader["required"]["attention"][0] == ["auto", "sdpa", "flash_attn"]
+    assert loader["optional"]["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e5m2"]
 
 
 # ------------------------------------------------------------------------------------------------------ loader
@@ -197,10 +276,25 @@ def test_loader_lists_only_ovis_checkpoints(models_dir):
     assert isinstance(message, str) and "models/ovis_u1" in message and "'nowhere'" in message
 
 
-def test_loader_result_wraps_the_model_on_cpu(model):
-    assert isinstance(model, bridge.ManagedModel)
-    assert next(model.model.parameters()).device.type == "cpu"
-    assert next(model.model.llm.parameters()).dtype == torch.float32  # auto without ComfyUI: fp32 on the CPU
+def test_outside_comfyui_the_loader_gives_the_encoder_alone(loaded):
+    """MODEL and VAE are core ComfyUI objects; without ComfyUI there are none, and the encoder runs on the CPU in
+    fp32 with no patcher."""
+    encoder, model, vae = loaded
+    assert model is None and vae is None
+    assert isinstance(encoder, bridge.OvisU1Encoder) and encoder.patcher is None
+    assert (encoder.dtype, encoder.attention, encoder.name) == (torch.float32, "auto", "tiny_a")
+    assert "tiny_a" in repr(encoder)
+    ovis = encoder.load()
+    assert isinstance(ovis, library.OvisU1) and ovis is encoder.model and encoder.params is ovis.params
+    for part in (ovis.llm, ovis.visual_tokenizer, ovis.vte):
+        weight = next(part.parameters())
+        assert weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def test_loader_choices_reach_the_encoder(models_dir):
+    encoder, *_ = run("OvisU1ModelLoader", model="tiny_a", dtype="bf16", attention="sdpa")
+    assert encoder.dtype == torch.bfloat16 and encoder.attention == "sdpa"
+    assert next(encoder.load().llm.parameters()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -212,220 +306,166 @@ def test_loader_result_wraps_the_model_on_cpu(model):
         ("nowhere", ["model 'nowhere'", "models/ovis_u1"]),
     ],
 )
-def test_loader_errors_name_the_input_and_the_fix(models_dir, model, name, expected):
-    with pytest.raises(CheckpointError) as info:
-        run("OvisU1ModelLoader", model=name)
-    for text in expected:
-        assert text in str(info.value)
-    assert_understands(model)
+def test_loader_errors_name_the_input_and_the_fix(models_dir, encoder, name, expected):
+    raises(lambda: run("OvisU1ModelLoader", model=name), *expected, error=CheckpointError)
+    assert_understands(encoder)
 
 
 def test_loader_rejects_unknown_options(models_dir):
-    with pytest.raises(CheckpointError, match="dtype 'fp8'"):
-        run("OvisU1ModelLoader", model="tiny_a", dtype="fp8")
-    with pytest.raises(CheckpointError, match="weight_dtype 'fp4'.*fp8_e4m3fn"):
-        run("OvisU1ModelLoader", model="tiny_a", weight_dtype="fp4")
+    raises(lambda: run("OvisU1ModelLoader", model="tiny_a", dtype="fp8"), "dtype 'fp8' is unknown",
+           error=CheckpointError)
+    raises(lambda: run("OvisU1ModelLoader", model="tiny_a", attention="xformers"), "attention 'xformers' is unknown",
+           "auto, sdpa, flash_attn", error=CheckpointError)
+    raises(lambda: run("OvisU1ModelLoader", model="tiny_a", weight_dtype="fp4"), "weight_dtype 'fp4'", "fp8_e4m3fn",
+           error=CheckpointError)
 
 
-def test_loader_core_outputs_need_comfyui(models_dir):
-    """Outside ComfyUI there is no core MODEL or VAE to make; the pack's own nodes still get the model."""
-    model, core_model, core_vae = run("OvisU1ModelLoader", model="tiny_a")
-    assert core_model is None and core_vae is None and model.patchers == {}
-
-
-def test_edit_outputs_for_the_native_path(model):
-    """Encode Condition's CONDITIONING carries the context's raw VAE latent on positive and middle (not negative);
-    the Edit Context Encoder's latent is empty at the edit size."""
-    p = case_params("edit")
-    context, resized, empty = run("OvisU1EditContextEncoder", model=model,
-                                  image=load_image(TINY_A / "cases" / "edit" / "input.png"), seed=p["vae_sample_seed"])
-    assert empty["samples"].shape == (1, 4, context.height // 8, context.width // 8) and not empty["samples"].any()
-    condition, positive, middle, negative = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit",
-                                                image=resized, context=context)
-    reference = positive[0][1]["reference_latents"][0]
-    assert middle[0][1]["reference_latents"][0] is reference and "reference_latents" not in negative[0][1]
-    assert positive[0][0] is condition.branches["cond"] and middle[0][0] is condition.branches["no_txt"]
-    assert negative[0][0] is condition.branches["no_both"]
-    # scaled and packed as the model does it (latent format, 2×2 patches), it is the official context
-    from ovis_u1.sampling import pack_latents
-
-    scale = model.model.params.vae.scaling_factor
-    assert_golden(pack_latents(reference * scale), tensors("edit")["context.tokens"], "context.tokens")
-
-
-# ------------------------------------------------------------------------------------------------ the goldens
-def test_text_to_image_reproduces_the_golden(model):
-    condition, refined, latent, image = t2i(model)
-    assert set(condition.branches) == {"cond", "no_both"} and condition.mode == "t2i"
-    assert set(latent) == {"samples"}
-    assert latent["samples"].shape == (1, 4, 8, 8) and latent["samples"].dtype == torch.float32
-    assert_golden(latent["samples"], tensors("t2i")["vae_dec_input"], "t2i latent")
-    assert image.shape == (1, 64, 64, 3) and image.dtype == torch.float32 and image.device.type == "cpu"
-    assert 0 <= image.min() and image.max() <= 1
-    assert_golden_image(save_uint8(image), tensors("t2i")["output_image_uint8"])
-
-
-@pytest.mark.parametrize("encode_image", ["resized", "original"])
-def test_edit_reproduces_the_golden(model, encode_image):
-    condition, refined, context, latent, image = edit(model, encode_image)
-    g = tensors("edit")
-    assert set(condition.branches) == {"cond", "no_txt", "no_both"} and condition.mode == "edit"
-    assert (context.width, context.height) == (96, 64)
-    assert_golden(context.tokens, g["context.tokens"], "context tokens")
-    assert latent["samples"].shape == (1, 4, 8, 12)
-    assert_golden_image(save_uint8(image), g["output_image_uint8"])
-
-
-def test_edit_context_encoder_returns_the_resized_image(model):
-    context, resized = edit_inputs(model)
-    expected = load_image(TINY_A / "cases" / "edit" / "input_resized.png")
-    assert resized.shape == (1, 64, 96, 3) and torch.equal(resized, expected)
-
-
-def test_understand_reproduces_the_golden_token_ids(model, monkeypatch):
+# -------------------------------------------------------------------------------------------------- understand
+def test_understand_reproduces_the_golden_token_ids(encoder, monkeypatch, loads):
     seen = []
-    original = type(model.model).understand
+    original = type(encoder.model).understand
 
     def spy(self, *args, **kwargs):
         seen.append(original(self, *args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(type(model.model), "understand", spy)
-    answer, ui = understand(model)
+    monkeypatch.setattr(type(encoder.model), "understand", spy)
+    answer, ui = understand(encoder)
     ids = tensors("understand")["generated_ids"].tolist()
     assert seen[-1].token_ids == ids
-    assert answer == seen[-1].text == model.model.tokenizer.decode(ids, skip_special_tokens=True)
+    assert answer == seen[-1].text == encoder.model.tokenizer.decode(ids, skip_special_tokens=True)
     assert ui == {"text": [answer]}
     assert NODES["OvisU1Understand"].OUTPUT_NODE is True
+    assert len(loads) == 1 and loads[0] > 0  # the encoder is loaded once, with the request's activation estimate
 
 
-def test_understand_without_image_and_with_an_image_batch(model):
-    text_only, _ = understand(model, image=None)
+def test_understand_without_image_and_with_an_image_batch(encoder):
+    text_only, _ = understand(encoder, image=None)
     assert isinstance(text_only, str)
     image = load_image(TINY_A / "cases" / "understand" / "input.png")
-    batch, _ = understand(model, image=torch.cat([image, image.flip(2)]))
+    batch, _ = understand(encoder, image=torch.cat([image, image.flip(2)]))
     assert isinstance(batch, str)
 
 
-def test_understand_sampling_is_seeded(model):
-    first, _ = understand(model, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
-    again, _ = understand(model, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+def test_understand_sampling_is_seeded(encoder):
+    first, _ = understand(encoder, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    again, _ = understand(encoder, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
     assert first == again
 
 
-def test_vae_nodes(model):
+# --------------------------------------------------------------------------------------------- encode condition
+def assert_mark(entries, mode: str, branch: str):
+    assert isinstance(entries, list) and len(entries) == 1
+    states, options = entries[0]
+    assert options["ovis_u1"] == {"mode": mode, "branch": branch, "refined": False}
+    assert isinstance(states, torch.Tensor) and states.device.type == "cpu" and states.dtype == torch.float32
+    return states, options
+
+
+def test_text_to_image_conditioning_is_the_golden_llm_states(encoder, loads):
+    positive, middle, negative = t2i_condition(encoder)
     g = tensors("t2i")
-    (image,) = run("OvisU1VAEDecode", model=model, samples={"samples": g["vae_dec_input"]})
-    assert_golden_image(save_uint8(image), g["output_image_uint8"])
-    context, resized = edit_inputs(model)
-    (latent,) = run("OvisU1VAEEncode", model=model, image=resized)
-    assert latent["samples"].shape == (1, 4, 8, 12)
-    assert_golden(latent["samples"], tensors("edit")["context.latent_mean"], "posterior mean")
-    (batch,) = run("OvisU1VAEEncode", model=model, image=torch.cat([resized, resized])[:, :61, :93])
-    assert batch["samples"].shape == (2, 4, 7, 11)  # cropped to multiples of 8
-    (images,) = run("OvisU1VAEDecode", model=model, samples=batch)
-    assert images.shape == (2, 56, 88, 3)
+    for entries, branch in ((positive, "cond"), (middle, "no_both"), (negative, "no_both")):
+        states, options = assert_mark(entries, "t2i", branch)
+        assert_golden(states, g[f"{branch}.txt"], f"{branch}.txt")
+        assert set(options) == {"ovis_u1"}  # nothing in text-to-image sees a source image
+    assert middle[0][0] is negative[0][0]  # no image-only branch: middle is the unconditional one
+    assert len(loads) == 1 and loads[0] > 0
 
 
-def test_changing_only_the_seed_keeps_encode_and_refiner(model):
-    c1, r1, l1, _ = t2i(model, seed=42)
-    c2, r2, l2, _ = t2i(model, seed=43)
-    for name in c1.branches:
-        assert torch.equal(c1.branches[name], c2.branches[name])
-        assert all(torch.equal(a, b) for a, b in zip(r1.branches[name], r2.branches[name]))
-    assert not torch.equal(l1["samples"], l2["samples"])
+def test_the_canvas_is_the_latent_size(encoder, monkeypatch):
+    seen = []
+    original = type(encoder.model).encode_condition
+
+    def spy(self, prompt, mode, **kwargs):
+        seen.append((mode, kwargs.get("width"), kwargs.get("height"), kwargs.get("image")))
+        return original(self, prompt, mode, **kwargs)
+
+    monkeypatch.setattr(type(encoder.model), "encode_condition", spy)
+    t2i_condition(encoder, latent=empty_latent(112, 80, batch=2))
+    assert seen == [("t2i", 112, 80, None)]
 
 
-# ------------------------------------------------------------------------------------------ image conversions
-def test_rgba_and_greyscale_images(model):
-    image = load_image(TINY_A / "cases" / "edit" / "input.png")
-    rgba = torch.cat([image, torch.full_like(image[..., :1], 0.5)], dim=-1)
-    ctx_rgb, resized_rgb = edit_inputs(model, image)
-    ctx_rgba, resized_rgba = edit_inputs(model, rgba)
-    assert torch.equal(ctx_rgb.tokens, ctx_rgba.tokens) and torch.equal(resized_rgb, resized_rgba)
-    grey = image.mean(dim=-1, keepdim=True)
-    ctx_grey, resized_grey = edit_inputs(model, grey)
-    assert resized_grey.shape == (1, 64, 96, 3)
-    assert torch.equal(resized_grey[..., 0], resized_grey[..., 2])
-    (latent,) = run("OvisU1VAEEncode", model=model, image=grey)
-    assert latent["samples"].shape[1] == 4
+def test_edit_conditioning_is_the_golden_llm_states_with_the_context(encoder, loads):
+    context = edit_context(batch=2)
+    positive, middle, negative = edit_condition(encoder, context=context)
+    g = tensors("edit")
+    for entries, branch in ((positive, "cond"), (middle, "no_txt"), (negative, "no_both")):
+        states, options = assert_mark(entries, "edit", branch)
+        assert_golden(states, g[f"{branch}.txt"], f"{branch}.txt")
+    for entries in (positive, middle):  # the branches that see the source image carry its latent
+        (reference,) = entries[0][1]["reference_latents"]
+        assert torch.equal(reference, context["samples"][:1])
+    assert "reference_latents" not in negative[0][1]
+    assert len(loads) == 1 and loads[0] > 0
+
+
+def test_an_rgba_or_greyscale_edit_image_is_read_as_rgb(encoder):
+    image = resized_image()
+    positive, *_ = edit_condition(encoder, image=image)
+    rgba, *_ = edit_condition(encoder, image=torch.cat([image, torch.full_like(image[..., :1], 0.5)], dim=-1))
+    assert torch.equal(positive[0][0], rgba[0][0])
+    grey, *_ = edit_condition(encoder, image=image.mean(dim=-1, keepdim=True))
+    assert_mark(grey, "edit", "cond")
 
 
 # -------------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    "node, size, match",
-    [
-        ("encode", {"width": 32}, "width 32"),
-        ("encode", {"height": 8192}, "height 8192"),
-        ("encode", {"width": 72}, "multiple of 16"),
-        ("sampler", {"width": 48}, "width 48"),
-        ("sampler", {"height": 5000}, "height 5000"),
-        ("sampler", {"height": 100}, "multiple of 16"),
-    ],
-)
-def test_bad_sizes(model, node, size, match):
-    p = case_params("t2i")
-    if node == "encode":
-        given = {"width": p["width"], "height": p["height"], **size}
-        with pytest.raises(OvisU1InputError, match=match):
-            run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], **given)
+NOT_A_LATENT = [None, {"samples": None}, torch.zeros(1, 4, 8, 8), {"samples": torch.zeros(4, 8, 8)},
+                {"samples": torch.zeros(0, 4, 8, 8)}]
+WIRING = [
+    ("unknown mode", dict(mode="inpaint"), ["mode 'inpaint' is unknown: use one of text-to-image, edit"]),
+    ("text-to-image without latent", dict(mode="text-to-image"),
+     ["latent: text-to-image draws on a canvas of the latent's size", "EmptyLatentImage"]),
+    *[(f"latent {i}", dict(mode="text-to-image", latent=bad), ["latent: expected a LATENT of images"])
+      for i, bad in enumerate(NOT_A_LATENT[1:])],
+    ("edit without image", dict(mode="edit", context=edit_context()),
+     ["image: an edit needs the 'resized_image' and the 'context' of 'Ovis-U1 Edit Context Encoder'"]),
+    ("edit without context", dict(mode="edit", image=torch.full((1, 64, 96, 3), 0.5)),
+     ["context: an edit needs the 'resized_image' and the 'context'"]),
+    ("edit without either", dict(mode="edit"), ["image: an edit needs"]),
+    *[(f"context {i}", dict(mode="edit", image=torch.full((1, 64, 96, 3), 0.5), context=bad),
+       ["context: expected a LATENT of images"]) for i, bad in enumerate(NOT_A_LATENT[1:])],
+    ("edit image batch", dict(mode="edit", image=torch.full((2, 64, 96, 3), 0.5), context=edit_context()),
+     ["image: got a batch of 2 images", "ImageFromBatch"]),
+]
+
+
+@pytest.mark.parametrize("case, given, texts", WIRING, ids=[c for c, *_ in WIRING])
+def test_wiring_errors_are_named_before_the_encoder_loads(encoder, monkeypatch, case, given, texts):
+    monkeypatch.setattr(encoder, "load", lambda *a, **k: pytest.fail("the encoder was loaded for a wiring error"))
+    raises(lambda: run("OvisU1EncodeCondition", encoder=encoder, prompt="a cat", **given), *texts)
+
+
+@pytest.mark.parametrize("image", ["original", "other size"])
+def test_an_edit_image_not_at_the_context_size_names_the_resized_image(encoder, image):
+    """Encode Condition does not resize: an image that is not the context's 'resized_image' is the wrong wire."""
+    if image == "original":
+        given, size = load_image(TINY_A / "cases" / "edit" / "input.png"), "90×60"
     else:
-        with pytest.raises(OvisU1InputError, match=match):
-            t2i(model, **size)
-    assert_understands(model)
+        given, size = torch.full((1, 64, 64, 3), 0.5), "64×64"
+    raises(lambda: edit_condition(encoder, image=given), f"image is {size}", "the edit context is 96×64",
+           "'resized_image'")
+    assert_understands(encoder)
 
 
-def test_edit_sampler_needs_a_matching_context(model):
-    p = case_params("edit")
-    source = load_image(TINY_A / "cases" / "edit" / "input.png")
-    condition, *_ = run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit", image=source)
-    (refined,) = run("OvisU1Refiner", model=model, condition=condition)
-    with pytest.raises(OvisU1InputError, match="Edit Context Encoder"):
-        run("OvisU1Sampler", model=model, refined=refined, steps=1)
-    wrong, _ = edit_inputs(model, torch.rand(1, 64, 160, 3, generator=torch.Generator().manual_seed(0)))
-    assert (wrong.width, wrong.height) != (condition.width, condition.height)
-    with pytest.raises(OvisU1InputError, match="context is .* same image"):
-        run("OvisU1Sampler", model=model, refined=refined, context=wrong, steps=1)
-    t2i_condition, *_ = run("OvisU1EncodeCondition", model=model, prompt="a cat", width=64, height=64)
-    (t2i_refined,) = run("OvisU1Refiner", model=model, condition=t2i_condition)
-    context, _ = edit_inputs(model)
-    with pytest.raises(OvisU1InputError, match="takes no context"):
-        run("OvisU1Sampler", model=model, refined=t2i_refined, context=context, steps=1)
-    with pytest.raises(OvisU1InputError, match="edit mode needs an image"):
-        run("OvisU1EncodeCondition", model=model, prompt=p["prompt"], mode="edit")
-    assert_understands(model)
+@pytest.mark.parametrize("latent, text", [((32, 64), "width 32"), ((64, 8192), "height 8192"),
+                                          ((64, 72), "height 72"), ((72, 64), "multiple of 16")])
+def test_bad_canvas_sizes(encoder, latent, text):
+    raises(lambda: t2i_condition(encoder, latent=empty_latent(*latent)), text)
+    assert_understands(encoder)
 
 
-@pytest.mark.parametrize(
-    "cfg, match",
-    [({"txt_cfg": -1.0}, "txt_cfg -1.0"), ({"txt_cfg": 1e6}, "txt_cfg 1000000.0"), ({"img_cfg": -0.5}, "img_cfg"),
-     ({"img_cfg": 500.0}, "img_cfg 500.0"), ({"txt_cfg": math.nan}, "txt_cfg nan")],
-)
-def test_bad_cfg(model, cfg, match):
-    with pytest.raises(OvisU1InputError, match=match) as info:
-        edit(model, steps=1, **cfg)
-    assert "between 0 and" in str(info.value)
-    assert_understands(model)
+def test_empty_prompt_and_question(encoder):
+    raises(lambda: t2i_condition(encoder, prompt="   "), "prompt is empty")
+    raises(lambda: edit_condition(encoder, prompt=""), "prompt is empty")
+    raises(lambda: understand(encoder, question=""), "question is empty")
+    assert_understands(encoder)
 
 
-def test_empty_prompt_and_question(model):
-    with pytest.raises(OvisU1InputError, match="prompt is empty"):
-        run("OvisU1EncodeCondition", model=model, prompt="   ", width=64, height=64)
-    with pytest.raises(OvisU1InputError, match="question is empty"):
-        understand(model, question="")
-    assert_understands(model)
-
-
-def test_one_image_inputs_reject_a_batch(model):
-    image = load_image(TINY_A / "cases" / "edit" / "input.png")
-    batch = torch.cat([image, image])
-    with pytest.raises(OvisU1InputError, match="image: got a batch of 2 images"):
-        run("OvisU1EncodeCondition", model=model, prompt="add a hat", mode="edit", image=batch)
-    with pytest.raises(OvisU1InputError, match="image: got a batch of 2 images"):
-        run("OvisU1EditContextEncoder", model=model, image=batch)
-    with pytest.raises(OvisU1InputError, match="samples: expected"):
-        run("OvisU1VAEDecode", model=model, samples={"samples": torch.zeros(1, 16, 8, 8)})
-    assert_understands(model)
+def test_understand_rejects_an_image_that_is_no_image(encoder):
+    raises(lambda: understand(encoder, image=torch.zeros(1, 8, 8, 7)), "image: expected an IMAGE batch")
+    raises(lambda: understand(encoder, image="photo.png"), "image: expected an IMAGE tensor, got str")
+    assert_understands(encoder)
 
 
 # ----------------------------------------------------------------------------------------- progress, interrupt
@@ -433,41 +473,27 @@ class Interrupted(Exception):
     pass
 
 
-def test_progress_checks_for_interruption_every_step_and_token(model, monkeypatch):
+def test_progress_checks_for_interruption_every_token(encoder, monkeypatch):
     calls, done = [], []
     monkeypatch.setattr(bridge, "check_interrupt", lambda: calls.append(1))
     update = bridge.Progress.update
-    monkeypatch.setattr(bridge.Progress, "update", lambda self, n, latent=None: (done.append((n, self.total)),
-                                                                                 update(self, n, latent)))
-    t2i(model)
-    steps = case_params("t2i")["steps"]
-    assert done == [(i, steps) for i in range(1, steps + 1)] + [(1, 1)]  # every sampling step, the decoded image
-    assert len(calls) == len(done)
-    calls.clear(), done.clear()
-    understand(model)
+    monkeypatch.setattr(bridge.Progress, "update", lambda self, n: (done.append((n, self.total)), update(self, n)))
+    understand(encoder)
     tokens = case_params("understand")["max_new_tokens"]
     assert done == [(i, tokens) for i in range(1, tokens + 1)] and len(calls) == tokens
 
 
-def test_interrupt_in_the_middle_of_sampling(model, monkeypatch):
-    steps = []
+def test_interrupt_in_the_middle_of_an_answer(encoder, monkeypatch):
+    tokens = []
 
-    def interrupt_at_step_2():
-        steps.append(1)
-        if len(steps) == 2:
+    def interrupt_at_token_2():
+        tokens.append(1)
+        if len(tokens) == 2:
             raise Interrupted()
 
-    monkeypatch.setattr(bridge, "check_interrupt", interrupt_at_step_2)
+    monkeypatch.setattr(bridge, "check_interrupt", interrupt_at_token_2)
     with pytest.raises(Interrupted):
-        t2i(model)
-    assert len(steps) == 2
+        understand(encoder)
+    assert len(tokens) == 2
     monkeypatch.undo()
-    *_, image = t2i(model)
-    assert_golden_image(save_uint8(image), tensors("t2i")["output_image_uint8"])
-
-
-def test_outputs_are_plain_data(model):
-    condition, refined, latent, _ = t2i(model)
-    assert all(t.device.type == "cpu" for t in condition.branches.values())
-    assert all(t.device.type == "cpu" for pair in refined.branches.values() for t in pair)
-    assert dataclasses.is_dataclass(condition) and dataclasses.is_dataclass(refined)
+    assert_understands(encoder)
