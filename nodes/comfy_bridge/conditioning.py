@@ -99,7 +99,7 @@ def guidance_mode(positive, negative, middle=None) -> str:
         have = {mark_of(entry, name)["branch"] for entry in conditioning}
         if have != {want}:
             got = OUTPUT_BRANCHES[mode]
-            source = [out for out, branch in got.items() if branch in have and out != name]
+            source = [out for out in ("positive", "negative", "middle") if got[out] in have and out != name]
             hint = f" (it is the '{source[0]}' output)" if source else ""
             raise OvisU1InputError(f"{name}: expected the '{name}' output of {NODE}{hint}; connect each output to "
                                    "the input of the same name")
