@@ -34,6 +34,7 @@ pytestmark = requires_golden
 PACK = import_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
+host = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge.host"]  # where Progress looks up check_interrupt
 library = sys.modules[f"{PACK_NAME}.ovis_u1"]  # the pack's own copy of the library
 InputError = library.OvisU1InputError
 CheckpointError = library.CheckpointError
@@ -475,7 +476,7 @@ class Interrupted(Exception):
 
 def test_progress_checks_for_interruption_every_token(encoder, monkeypatch):
     calls, done = [], []
-    monkeypatch.setattr(bridge, "check_interrupt", lambda: calls.append(1))
+    monkeypatch.setattr(host, "check_interrupt", lambda: calls.append(1))
     update = bridge.Progress.update
     monkeypatch.setattr(bridge.Progress, "update", lambda self, n: (done.append((n, self.total)), update(self, n)))
     understand(encoder)
@@ -491,7 +492,7 @@ def test_interrupt_in_the_middle_of_an_answer(encoder, monkeypatch):
         if len(tokens) == 2:
             raise Interrupted()
 
-    monkeypatch.setattr(bridge, "check_interrupt", interrupt_at_token_2)
+    monkeypatch.setattr(host, "check_interrupt", interrupt_at_token_2)
     with pytest.raises(Interrupted):
         understand(encoder)
     assert len(tokens) == 2
