@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..ovis_u1 import OvisU1InputError
 from ..ovis_u1.model import MAX_CFG
 
@@ -103,7 +105,5 @@ class OvisU1Scheduler:
     def schedule(self, model, latent, steps=50, timestep_shift="config", denoise=1.0):
         shift = _shift(timestep_shift)
         if denoise <= 0.0:
-            import torch
-
             return (torch.zeros(0),)  # as BasicScheduler: nothing to do
         return (bridge.sampling.schedule(model, latent, steps, shift, denoise),)
