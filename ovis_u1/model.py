@@ -42,6 +42,7 @@ from .inputs import check_edit_image, check_finite, check_pil_image
 from .truncation import check_truncation
 from .llm import build_llm, condition_states, generate
 from .mmdit import MMDiT
+from .multimodal import merge_multimodal
 from .operations import casts_weights, cast_weights_of, compute_dtype, manual_cast, parse_weight_dtype
 from .preprocess import (
     condition_image,
@@ -52,7 +53,7 @@ from .preprocess import (
     vae_pixel_values,
     white_canvas,
 )
-from .sampling import denoise, flow_schedule, guide_edit, guide_t2i, initial_noise, pack_latents, unpack_latents
+from .sampling import GUIDED_BRANCHES, pack_latents, sample_condition
 from .vae import AutoencoderKL, latent_to_vae, legacy_vae_key, to_uint8_image, vae_to_latent
 from .vision import VisualTokenizer, visual_embeddings
 
@@ -189,27 +190,15 @@ class OvisU1(nn.Module):
                                  self.params.multimodal_max_length, what, self.tokenizer.decode, images_adjustable)
         if notes is not None:
             notes.extend(n for n in found if n not in notes)
-        embed_tokens = self.llm.get_input_embeddings()
         device = _device_of(self.llm)
-        ids_t = torch.tensor(ids, device=device)
-        text = embed_tokens(ids_t.clamp(min=0))
-        vocab = self.params.vision.vocab_size
-        pieces, start, image_index = [], 0, 0
-        for pos, tid in enumerate(ids):
-            if tid >= 0:
-                continue
-            pieces.append(text[start:pos])
-            if tid == prompts.IMAGE_ATOM_ID:
-                pieces.append(visual[image_index].to(device=device, dtype=text.dtype))
-                image_index += 1
-            else:
-                row = vocab - 5 + prompts.IMAGE_INDICATOR_IDS.index(tid)
-                indicator = self.vte(torch.tensor([row], device=device))  # the row through the layer's own cast
-                pieces.append(indicator.to(device=device, dtype=text.dtype))
-            start = pos + 1
-        pieces.append(text[start:])
-        merged = torch.cat(pieces)
-        return merged[-self.params.multimodal_max_length :]
+        text = self.llm.get_input_embeddings()(torch.tensor(ids, device=device).clamp(min=0))
+        first_indicator_row = self.params.vision.vocab_size - 5
+
+        def indicator(tid: int) -> torch.Tensor:  # the row through the layer's own cast
+            row = first_indicator_row + prompts.IMAGE_INDICATOR_IDS.index(tid)
+            return self.vte(torch.tensor([row], device=device))
+
+        return merge_multimodal(ids, text, visual, indicator, self.params.multimodal_max_length)
 
     # ------------------------------------------------------------------------------------- understanding
     @_with_attention
@@ -347,58 +336,17 @@ class OvisU1(nn.Module):
     ) -> torch.Tensor:
         """Flow-matching Euler sampling with CFG → VAE latent [1, 4, H/8, W/8] (unscaled, fp32; official
         modeling_yak.py, YakModel.generate_image / get_schedule / denoise / edit_denoise)."""
-        if refined.mode == "edit":
-            if context is None:
-                raise OvisU1InputError(
-                    "an edit condition needs the edit context: connect 'Ovis-U1 Edit Context Encoder' to context"
-                )
-            if (context.width, context.height) != (refined.width, refined.height):
-                raise OvisU1InputError(
-                    f"the context is {context.width}×{context.height} but the condition was encoded for "
-                    f"{refined.width}×{refined.height}: encode both from the same image"
-                )
-            width, height = context.width, context.height
-        elif context is not None:
-            raise OvisU1InputError("a text-to-image condition takes no context: disconnect it or encode in edit mode")
-        width = refined.width if width is None else width
-        height = refined.height if height is None else height
-        width, height = check_size(width, height)
-        txt_cfg = check_cfg("txt_cfg", txt_cfg)
-        if refined.mode == "edit":
-            img_cfg = check_cfg("img_cfg", img_cfg)
-        steps = check_steps(steps)
-        seed = check_seed(seed)
-        for name, pair in refined.branches.items():
-            for part in pair:
-                check_finite(part, f"refined branch {name!r}", "run the refiner again (NaN/inf came from the model)")
-        if context is not None:
-            check_finite(context.tokens, "context", "encode the edit context again from a finite image")
-
+        width, height, steps, txt_cfg, img_cfg, seed = check_sample_request(
+            refined, context, width, height, steps, txt_cfg, img_cfg, seed
+        )
         mmdit = self.mmdit
-        device, dtype = _device_of(mmdit), _dtype_of(mmdit)
-        x = pack_latents(initial_noise(seed, height, width).to(device=device, dtype=dtype))
-        p = self.params.mmdit
-        shift = p.timestep_shift if timestep_shift is None else timestep_shift
-        timesteps = flow_schedule(steps, x.shape[1], shift, p.base_shift, p.max_shift)
-
-        def prepared(branch: str, with_context: bool):
-            tokens, pooled = refined.branches[branch]
-            ctx = context.tokens.to(device=device, dtype=dtype) if with_context else None
-            return mmdit.prepare(tokens.to(device, dtype), pooled.to(device, dtype), height, width, context=ctx)
-
-        if refined.mode == "t2i":
-            branches = [prepared("cond", False), prepared("no_both", False)]
-
-            def guide(preds):
-                return guide_t2i(preds[0], preds[1], txt_cfg)
-        else:
-            branches = [prepared("cond", True), prepared("no_txt", True), prepared("no_both", False)]
-
-            def guide(preds):
-                return guide_edit(preds[0], preds[1], preds[2], img_cfg, txt_cfg)
-
-        x = denoise(mmdit, x, timesteps, branches, guide, callback=callback)
-        return latent_to_vae(unpack_latents(x.float(), height, width), self.params.vae)
+        branches = {name: refined.branches[name] for name, _ in GUIDED_BRANCHES[refined.mode]}
+        latent = sample_condition(
+            mmdit, refined.mode, branches, width, height, _device_of(mmdit), _dtype_of(mmdit),
+            context=None if context is None else context.tokens, steps=steps, txt_cfg=txt_cfg, img_cfg=img_cfg,
+            seed=seed, timestep_shift=timestep_shift, callback=callback,
+        )
+        return latent_to_vae(latent, self.params.vae)
 
     # --------------------------------------------------------------------------------------------- VAE
     @_with_attention
@@ -454,6 +402,39 @@ class OvisU1(nn.Module):
         latent = self.sample(self.refine(condition), context=context, steps=steps, txt_cfg=txt_cfg,
                              img_cfg=img_cfg, seed=seed, callback=callback)
         return self.decode_to_pil(latent)[0]
+
+
+def check_sample_request(refined: Refined, context: EditContext | None, width, height, steps, txt_cfg, img_cfg,
+                         seed) -> tuple[int, int, int, float, float, int]:
+    """The inputs of :meth:`OvisU1.sample` checked (an edit's size is its context's) → (width, height, steps,
+    txt_cfg, img_cfg, seed)."""
+    if refined.mode == "edit":
+        if context is None:
+            raise OvisU1InputError(
+                "an edit condition needs the edit context: connect 'Ovis-U1 Edit Context Encoder' to context"
+            )
+        if (context.width, context.height) != (refined.width, refined.height):
+            raise OvisU1InputError(
+                f"the context is {context.width}×{context.height} but the condition was encoded for "
+                f"{refined.width}×{refined.height}: encode both from the same image"
+            )
+        width, height = context.width, context.height
+    elif context is not None:
+        raise OvisU1InputError("a text-to-image condition takes no context: disconnect it or encode in edit mode")
+    width = refined.width if width is None else width
+    height = refined.height if height is None else height
+    width, height = check_size(width, height)
+    txt_cfg = check_cfg("txt_cfg", txt_cfg)
+    if refined.mode == "edit":
+        img_cfg = check_cfg("img_cfg", img_cfg)
+    steps = check_steps(steps)
+    seed = check_seed(seed)
+    for name, pair in refined.branches.items():
+        for part in pair:
+            check_finite(part, f"refined branch {name!r}", "run the refiner again (NaN/inf came from the model)")
+    if context is not None:
+        check_finite(context.tokens, "context", "encode the edit context again from a finite image")
+    return width, height, steps, txt_cfg, img_cfg, seed
 
 
 def edit_source(image: Image.Image, name: str = "image") -> Image.Image:

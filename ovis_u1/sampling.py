@@ -154,3 +154,50 @@ def denoise(
             callback(step + 1, total, x_next, x - t_curr * pred)
         x = x_next
     return x
+
+
+# ---- the official recipe ------------------------------------------------------------------------------------
+
+# The CFG branches of each mode, in the order ``guide_t2i`` / ``guide_edit`` take them, and whether the branch sees
+# the edit context (official modeling_yak.py: denoise for text-to-image, edit_denoise for edits).
+GUIDED_BRANCHES = {
+    "t2i": (("cond", False), ("no_both", False)),
+    "edit": (("cond", True), ("no_txt", True), ("no_both", False)),
+}
+
+
+def sample_condition(
+    mmdit: MMDiT,
+    mode: str,
+    branches: dict[str, tuple[Tensor, Tensor]],
+    width: int,
+    height: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    context: Tensor | None = None,
+    steps: int = 50,
+    txt_cfg: float = 5.0,
+    img_cfg: float = 1.5,
+    seed: int = 42,
+    timestep_shift: bool | None = None,
+    callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """The official generation of one refined condition (official modeling_yak.py, YakModel.generate_image): the
+    seeded noise, the schedule of :func:`flow_sigmas`, Euler over the mode's CFG branches (``branches``: refined
+    tokens and pooled vector per branch name; ``context``: the edit's packed latent tokens) → the latent, fp32 and
+    unpacked, in the MMDiT's latent space. Inputs are taken as checked."""
+    x = pack_latents(initial_noise(seed, height, width).to(device=device, dtype=dtype))
+    timesteps = flow_sigmas(mmdit.params, width, height, steps, timestep_shift).tolist()
+    prepared = []
+    for name, with_context in GUIDED_BRANCHES[mode]:
+        tokens, pooled = branches[name]
+        ctx = context.to(device=device, dtype=dtype) if with_context else None
+        prepared.append(mmdit.prepare(tokens.to(device, dtype), pooled.to(device, dtype), height, width, context=ctx))
+    if mode == "t2i":
+        def guide(preds):
+            return guide_t2i(preds[0], preds[1], txt_cfg)
+    else:
+        def guide(preds):
+            return guide_edit(preds[0], preds[1], preds[2], img_cfg, txt_cfg)
+    x = denoise(mmdit, x, timesteps, prepared, guide, callback=callback)
+    return unpack_latents(x.float(), height, width)

@@ -16,13 +16,14 @@ Pure Python (no ComfyUI import): the bridge's model class and the nodes share it
 from __future__ import annotations
 
 from ...ovis_u1 import OvisU1InputError
+from ...ovis_u1.sampling import GUIDED_BRANCHES
 
 MARK = "ovis_u1"
 OUTPUT_BRANCHES = {
     "t2i": {"positive": "cond", "middle": "no_both", "negative": "no_both"},
     "edit": {"positive": "cond", "middle": "no_txt", "negative": "no_both"},
 }
-CONTEXT_BRANCHES = {"cond", "no_txt"}
+CONTEXT_BRANCHES = {name for name, sees_context in GUIDED_BRANCHES["edit"] if sees_context}
 NODE = "'Ovis-U1 Encode Condition'"
 
 # Widths of other models' text states, to name where a foreign CONDITIONING came from.
