@@ -200,10 +200,21 @@ def _t2i_image(ovis, size: int = 256, steps: int = 4):
     return torch.from_numpy(np.array(ovis.decode_to_pil(latent)[0])).int()
 
 
+def readme_fp8_bound(row: str = "weight-only", column: str = "tiny t2i") -> tuple[float, float]:
+    """uint8 |Δ| mean and max the README's fp8 table states for ``row`` and ``column``: the top of the range where
+    it gives one (the spread over the CPU bf16 kernels measured, e.g. ``3.0–3.6 / 30–38 (9 %)``)."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    header = next(line for line in lines if line.strip().startswith("| fp8_e4m3fn |"))
+    columns = [c.strip() for c in header.strip().strip("|").split("|")]
+    cells = next([c.strip() for c in line.strip().strip("|").split("|")] for line in lines
+                 if line.strip().startswith(f"| {row} |"))
+    mean, peak = cells[columns.index(column)].split("(")[0].split("/")
+    return float(mean.split("–")[-1]), float(peak.split("–")[-1])
+
+
 def test_fp8_images_stay_within_the_readmes_figures(pack):
     """fp8_e4m3fn storage through ComfyUI's manual-cast layers against bf16 weights, the README's measurement
-    (``bench/bench_memory.py --quality --size 256 --steps 4``, t2i, bf16 compute): on the tiny test model the README
-    states 3.0 uint8 levels on average, 30 at most."""
+    (``bench/bench_memory.py --quality --size 256 --steps 4``, t2i, bf16 compute) on the tiny test model."""
     images = {}
     for storage in ("default", "fp8_e4m3fn"):
         encoder, patchers = parts(pack, dtype="bf16", weight_dtype=storage)
@@ -211,5 +222,6 @@ def test_fp8_images_stay_within_the_readmes_figures(pack):
             ready(encoder, patchers, part)
         images[storage] = _t2i_image(encoder.model)
     diff = (images["fp8_e4m3fn"] - images["default"]).abs()
-    assert 0 < diff.float().mean() <= 3.0 and diff.max() <= 30, (
+    mean_bound, max_bound = readme_fp8_bound()
+    assert 0 < diff.float().mean() <= mean_bound and diff.max() <= max_bound, (
         f"fp8 moved the image by {diff.float().mean():.2f} levels on average, {diff.max()} at most")
