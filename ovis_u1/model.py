@@ -53,7 +53,7 @@ from .preprocess import (
     vae_pixel_values,
     white_canvas,
 )
-from .sampling import GUIDED_BRANCHES, pack_latents, sample_condition
+from .sampling import pack_latents, sample_condition
 from .vae import AutoencoderKL, latent_to_vae, legacy_vae_key, to_uint8_image, vae_to_latent
 from .vision import VisualTokenizer, visual_embeddings
 
@@ -340,9 +340,8 @@ class OvisU1(nn.Module):
             refined, context, width, height, steps, txt_cfg, img_cfg, seed
         )
         mmdit = self.mmdit
-        branches = {name: refined.branches[name] for name, _ in GUIDED_BRANCHES[refined.mode]}
         latent = sample_condition(
-            mmdit, refined.mode, branches, width, height, _device_of(mmdit), _dtype_of(mmdit),
+            mmdit, refined.mode, refined.branches, width, height, _device_of(mmdit), _dtype_of(mmdit),
             context=None if context is None else context.tokens, steps=steps, txt_cfg=txt_cfg, img_cfg=img_cfg,
             seed=seed, timestep_shift=timestep_shift, callback=callback,
         )

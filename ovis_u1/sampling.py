@@ -184,7 +184,8 @@ def sample_condition(
 ) -> Tensor:
     """The official generation of one refined condition (official modeling_yak.py, YakModel.generate_image): the
     seeded noise, the schedule of :func:`flow_sigmas`, Euler over the mode's CFG branches (``branches``: refined
-    tokens and pooled vector per branch name; ``context``: the edit's packed latent tokens) → the latent, fp32 and
+    tokens and pooled vector per branch name, those of ``GUIDED_BRANCHES[mode]`` read; ``context``: the edit's packed
+    latent tokens) → the latent, fp32 and
     unpacked, in the MMDiT's latent space. Inputs are taken as checked."""
     x = pack_latents(initial_noise(seed, height, width).to(device=device, dtype=dtype))
     timesteps = flow_sigmas(mmdit.params, width, height, steps, timestep_shift).tolist()

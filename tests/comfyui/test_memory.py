@@ -203,11 +203,10 @@ def _t2i_image(ovis, size: int = 256, steps: int = 4):
 def readme_fp8_bound(row: str = "weight-only", column: str = "tiny t2i") -> tuple[float, float]:
     """uint8 |Δ| mean and max the README's fp8 table states for ``row`` and ``column``: the top of the range where
     it gives one (the spread over the CPU bf16 kernels measured, e.g. ``3.0–3.6 / 30–38 (9 %)``)."""
-    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    header = next(line for line in lines if line.strip().startswith("| fp8_e4m3fn |"))
-    columns = [c.strip() for c in header.strip().strip("|").split("|")]
-    cells = next([c.strip() for c in line.strip().strip("|").split("|")] for line in lines
-                 if line.strip().startswith(f"| {row} |"))
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines() if line.strip().startswith("|")]
+    columns = next(r for r in rows if r[0] == "fp8_e4m3fn")
+    cells = next(r for r in rows if r[0] == row)
     mean, peak = cells[columns.index(column)].split("(")[0].split("/")
     return float(mean.split("–")[-1]), float(peak.split("–")[-1])
 
