@@ -349,6 +349,11 @@ def reading_ahead(directory: str | Path):
             f.close()
 
 
+# Told of every loaded tensor that is a view of the file's bytes: (tensor, file path, offset of its first byte in the
+# file, its size in bytes). See load_weights.
+MarkFileSlice = Callable[[torch.Tensor, Path, int, int], None]
+
+
 class _TensorReader:
     """Reads the tensors of one safetensors file, holding at most a few chunks of file data at any time, and looks
     at every value once for NaN/inf while it is at hand.
@@ -360,10 +365,14 @@ class _TensorReader:
     madvise, e.g. Windows) the chunks are read into one reused buffer instead. Either way fp32 files load as bf16 at
     the size of the bf16 weights plus a chunk or two, reading the file once, and the kernel reads ahead of the chunk
     at hand (``_ReadAhead``) so that a cold disk keeps reading while the CPU converts and checks.
+
+    ``mark_file_slice``, when given, is told of every view (``MarkFileSlice``), and the pages the NaN/inf check read
+    are dropped from the process again: whoever asked for the marks reads those bytes from the file itself.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mark_file_slice: MarkFileSlice | None = None):
         self.path = path
+        self.mark_file_slice = mark_file_slice
         self.file = open(path, "rb", buffering=0)
         try:
             self.data_start, self.index = read_header(self.file, path)
@@ -406,9 +415,14 @@ class _TensorReader:
             out = torch.frombuffer(self._private, dtype=stored, count=count, offset=offset)
             problem = None
             for first in range(0, count, step):
-                self._read_ahead.advance(offset + first * stored.itemsize)
+                start = offset + first * stored.itemsize
+                self._read_ahead.advance(start)
                 if problem is None and not _all_finite(out[first : first + step]):
                     problem = "corrupt"
+                if self.mark_file_slice is not None and _RELEASE:  # its reader reads the file, not these pages
+                    self._release(self._private, start, min(step, count - first) * stored.itemsize)
+            if self.mark_file_slice is not None:
+                self.mark_file_slice(out, self.path, offset, count * stored.itemsize)
             return out.view(shape), problem
         out = torch.empty(shape, dtype=dtype, device=device)
         flat, problem = out.view(-1), None
@@ -427,7 +441,7 @@ class _TensorReader:
                 elif not _all_finite(piece):
                     problem = "overflow" if check_source or _all_finite(source) else "corrupt"
             if _RELEASE:
-                self._release(start, size)
+                self._release(self._source, start, size)
         return out, problem
 
     def _mapped(self, start: int, size: int) -> torch.Tensor:
@@ -438,13 +452,13 @@ class _TensorReader:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(self._source, dtype=torch.uint8, count=size, offset=start)
 
-    def _release(self, start: int, size: int) -> None:
-        self._advise(mmap.MADV_DONTNEED, start, size)
-
-    def _advise(self, advice: int, start: int, size: int) -> None:
+    @staticmethod
+    def _release(mapped: mmap.mmap, start: int, size: int) -> None:
+        """Drops this process's pages of bytes [start, start+size) of ``mapped``: the file still holds them, and a
+        later use reads them in again (nothing was written to them)."""
         first = start - start % mmap.PAGESIZE
         if size > 0:
-            self._source.madvise(advice, first, start + size - first)
+            mapped.madvise(mmap.MADV_DONTNEED, first, start + size - first)
 
     def _read_range(self, offset: int, size: int) -> torch.Tensor:
         if self._buffer is None or self._buffer.numel() < size:
@@ -467,6 +481,7 @@ def load_weights(
     dtype_for: Callable[[str, torch.dtype], torch.dtype],
     rename: Callable[[str], str] = lambda k: k,
     expected: dict[str, tuple[int, ...]] | None = None,
+    mark_file_slice: MarkFileSlice | None = None,
 ) -> None:
     """Validate the stored keys against the architecture and hand the weights to ``module``'s layers.
 
@@ -482,6 +497,11 @@ def load_weights(
     memory-mapped views of the file (no copy); the others are converted chunk by chunk (see ``_TensorReader``),
     so the process never holds the file and the converted weights at once. Every value is looked at once for
     NaN/inf as it is read; any is a CheckpointError naming the weights.
+
+    ``mark_file_slice(tensor, path, offset, size)`` is called for every memory-mapped view, whose storage is exactly
+    bytes [offset, offset + size) of ``path``, so that a memory manager able to read weights from their file (ComfyUI's
+    file slices) can record where they are; the pages read for the NaN/inf check are then released at once. Converted
+    tensors are fresh memory and are never passed to it.
     """
     files = weight_files(directory)
     on_disk = stored_shapes(files)
@@ -503,7 +523,7 @@ def load_weights(
     state: dict[str, torch.Tensor] = {}
     problems: dict[str, list[str]] = {"corrupt": [], "overflow": []}
     for path, keys in by_file.items():
-        with _TensorReader(path) as reader:
+        with _TensorReader(path, mark_file_slice) as reader:
             for key in sorted(keys, key=lambda k: reader.offset(original[k])):  # one sequential pass over the file
                 stored_dtype = reader.stored_dtype(original[key])
                 dtype = dtype_for(key, stored_dtype) if stored_dtype.is_floating_point else stored_dtype

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import prompts
 from . import attention as attention_kernels
-from .checkpoint import check_directory, load_weights, reading_ahead
+from .checkpoint import MarkFileSlice, check_directory, load_weights, reading_ahead
 from .config import OvisU1Params, load_params
 from .inputs import (  # re-exported: these names were defined here first
     MAX_CFG,
@@ -542,6 +542,7 @@ def load_model(
     operations=None,
     weight_dtype: torch.dtype | str | None = None,
     mmdit_class: type[MMDiT] = MMDiT,
+    mark_file_slice: MarkFileSlice | None = None,
 ) -> OvisU1:
     """Load an Ovis-U1 checkpoint folder (Hugging Face layout). The VAE is kept in fp32 (the official decode runs
     in fp32 on CUDA); everything else computes in ``dtype`` (default bf16 where supported, else fp32).
@@ -549,7 +550,7 @@ def load_model(
     ``weight_dtype`` (None/"default", torch.float8_e4m3fn/"fp8_e4m3fn", torch.float8_e5m2/"fp8_e5m2") stores the
     weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see :func:`fp8_keys`); compute stays
     in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``, or the pack's manual cast when
-    ``weight_dtype`` is set).
+    ``weight_dtype`` is set). ``mark_file_slice`` is handed to :func:`ovis_u1.checkpoint.load_weights`.
     """
     weight_dtype = parse_weight_dtype(weight_dtype)
     if operations is None:
@@ -577,7 +578,8 @@ def load_model(
                 return torch.float32
             return weight_dtype if key in stored_in_fp8 else dtype
 
-        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key, expected=shapes)
+        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key, expected=shapes,
+                     mark_file_slice=mark_file_slice)
     for module in model.modules():  # fp8 tables give their rows in the compute dtype
         if isinstance(module, manual_cast.Embedding):
             module.compute_dtype = dtype

@@ -10,6 +10,7 @@ import torch
 
 from ...ovis_u1 import load_model
 
+from . import file_slices
 from .host import IN_COMFYUI, offload_device
 from .memory import OvisU1Encoder, comfy_operations
 
@@ -26,6 +27,7 @@ def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attenti
     if IN_COMFYUI:
         kwargs["operations"] = comfy_operations(dtype, weight_dtype)
         kwargs["mmdit_class"] = OvisU1MMDiT
+        kwargs["mark_file_slice"] = file_slices.marker()  # Dynamic VRAM reads the weights from their file
     if weight_dtype is not None:
         kwargs["weight_dtype"] = weight_dtype
     return load_model(path, device=offload_device(), dtype=dtype, attention=attention, **kwargs)
