@@ -37,6 +37,7 @@ from ...ovis_u1.sampling import image_tokens, pack_latents, shift_mu, unpack_lat
 from .host import load_device, offload_device
 from .attention import comfy_kernel, is_comfy
 from .conditioning import mark_of
+from .free_parameters import patch_on_load
 from .memory import patcher_class, weight_bytes
 
 DEFAULT_TEXT_TOKENS = 512  # a condition of unknown length: the prompt with the visual tokens of its image
@@ -327,6 +328,7 @@ def make_core_model(ovis, compute_dtype: torch.dtype):
                               size=weight_bytes(mmdit))
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PerSamplingCache.KEY,
                                  per_sampling_cache)
+    patch_on_load(patcher)  # patches reach the QK-norm scales and cls_token on every load path
     return patcher
 
 
