@@ -24,8 +24,8 @@ from torch import nn
 
 from .attention import attention_segments
 from .config import VisionParams
-from .math import rms_norm
-from .operations import cast_to_of, namespace_layer, plain_cast_weights
+from .norms import RMSNorm, norm  # noqa: F401 — RMSNorm re-exported: the class of the encoder's norms
+from .operations import cast_to_of, plain_cast_weights
 
 # vte rows V-4..V-1 are reserved for the image indicators (official modeling_ovis_u1.py: IMAGE_INDICATOR_IDS,
 # Aimv2VisualTokenizer.forward, OvisU1.merge_multimodal)
@@ -164,22 +164,6 @@ def visual_embeddings(probs: torch.Tensor, vte: nn.Module, cast_weights=plain_ca
 # ---------------------------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------------------------
-
-class RMSNorm(nn.RMSNorm):
-    """RMSNorm with statistics in fp32, cast back to the input dtype, then times ``weight`` (official
-    modeling_aimv2.py, RMSNorm); built from a namespace by :func:`norm`, it reads its weight through the namespace's
-    cast."""
-
-    cast_weights = staticmethod(plain_cast_weights)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.cast_weights(self, x) as (weight, _):
-            return rms_norm(x, weight, self.eps)
-
-
-def norm(dim: int, eps: float, operations=nn) -> RMSNorm:
-    return namespace_layer(RMSNorm, operations, "RMSNorm")(dim, eps=eps)
-
 
 class PatchEmbed(nn.Module):
     """Conv2d(C→D, k=s=patch) on every 588-vector viewed as (C, ps, ps), then RMSNorm (official modeling_aimv2.py,
