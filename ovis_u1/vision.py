@@ -8,7 +8,8 @@ norm_2, mlp.{fc1, fc2, fc3}}``, ``backbone.trunk.post_trunk_norm`` (stored, unus
 No buffers: the RoPE angles, the window permutation and the attention segments depend only on ``grid_thws`` and are
 computed in ``forward`` (``VisualGeometry``), so the model can be built on the meta device. They are computed on the
 CPU and the last few grids' are kept there (``GeometryCache``, owned by the model); a forward on another device uses
-a copy made for that forward, so nothing stays on an accelerator outside the memory manager's accounting. Parameters may be fp32, bf16 or fp16; RMSNorm statistics, RoPE and the head softmax run in fp32.
+a copy made for that forward, so nothing stays on an accelerator outside the memory manager's accounting.
+Parameters may be fp32, bf16 or fp16; RMSNorm statistics, RoPE and the head softmax run in fp32.
 
 Every layer comes from the ``operations`` namespace given to :class:`VisualTokenizer` (default ``torch.nn``; see
 :mod:`ovis_u1.operations`); the RMSNorm is the namespace's with the pack's fp32-statistics math, and the positional
