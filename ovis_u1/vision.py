@@ -154,8 +154,8 @@ class VisualGeometry:
 
 class GeometryCache:
     """The ``VisualGeometry`` of the last ``size`` image grids, computed and kept on the CPU (least recently used
-    dropped first). The largest grid's RoPE tables take 10 MB (fp32 cos and sin of 10 000 patches at the
-    processor's 1.96 MP, head_dim 128), so a few grids — the sizes a workflow repeats — are kept and an unbounded
+    dropped first). The largest grid's RoPE tables take 17 MB (fp32 cos and sin of 16 384 patches at the
+    processor's 3.2 MP, head_dim 128), so a few grids — the sizes a workflow repeats — are kept and an unbounded
     variety of sizes is not."""
 
     def __init__(self, size: int = 4):
