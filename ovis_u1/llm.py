@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BACKENDS, causal_attention
-from .math import rms_norm
-from .operations import cast_weights_of, namespace_layer, plain_cast_weights
+from .norms import RMSNorm, norm  # noqa: F401 — RMSNorm re-exported: the class of the LLM's norms
+from .operations import cast_weights_of
 
 
 # ------------------------------------------------------------------------------------------------- params
@@ -83,24 +83,6 @@ def qwen3_params(llm_config: dict) -> Qwen3Params:
 
 
 # ------------------------------------------------------------------------------------------------ modules
-class RMSNorm(nn.RMSNorm):
-    """transformers' Qwen3RMSNorm: statistics in fp32, ``weight * x_normed.to(x.dtype)``.
-
-    A ``torch.nn.RMSNorm`` with that math; built from a namespace (:func:`norm`) it is the namespace's RMSNorm too,
-    and reads its weight through the namespace's cast (ComfyUI may keep it on the offload device or stream it).
-    """
-
-    cast_weights = staticmethod(plain_cast_weights)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.cast_weights(self, x) as (weight, _):
-            return rms_norm(x, weight, self.eps)
-
-
-def norm(dim: int, eps: float, operations=nn) -> RMSNorm:
-    return namespace_layer(RMSNorm, operations, "RMSNorm")(dim, eps=eps)
-
-
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin [1, L, head_dim] for positions [L], as transformers 4.51.3 computes them.
 

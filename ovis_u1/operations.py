@@ -41,8 +41,11 @@ def cast_like(t: Tensor | None, x: Tensor) -> Tensor | None:
 #   cast_to(tensor, like)         a free parameter on like's device in like's dtype (ComfyUI: model_management.cast_to)
 #   cast_weights(layer, like)     a context manager giving (weight, bias) of one of its layers on like's device in
 #                                 like's dtype, for use inside the block (ComfyUI: ops.cast_bias_weight)
+#   every_op()                    called first in every forward of the pack's own layers, as a namespace's own layers
+#                                 call it first in theirs (ComfyUI: ops.run_every_op, its per-op interrupt check that
+#                                 raises when the user cancelled)
 #
-# Namespaces without them (torch.nn, the manual cast below) get the plain casts.
+# Namespaces without them (torch.nn, the manual cast below) get the plain casts and no per-op call.
 
 def plain_cast_to(t: Tensor, like: Tensor) -> Tensor:
     return cast_like(t, like)
@@ -63,22 +66,41 @@ def cast_weights_of(operations) -> Callable:
     return getattr(operations, "cast_weights", plain_cast_weights)
 
 
+def no_per_op_call() -> None:
+    """What the pack's own layers call first in ``forward`` when their namespace has no ``every_op``."""
+
+
+def every_op_of(operations) -> Callable[[], None]:
+    """The namespace's per-op call (inside ComfyUI its interrupt check), or nothing."""
+    return getattr(operations, "every_op", no_per_op_call)
+
+
+class OwnLayer:
+    """Base of the pack's own layers (a ``torch.nn`` layer with the pack's math, see :func:`namespace_layer`): their
+    ``forward`` calls ``self.every_op()`` first and reads weights through ``self.cast_weights``; these defaults are
+    the plain ones, a namespace's replace them."""
+
+    cast_weights = staticmethod(plain_cast_weights)
+    every_op = staticmethod(no_per_op_call)
+
+
 _JOINED: dict[tuple, type] = {}
 
 
 def namespace_layer(own: type, operations, base: str) -> type:
-    """``own`` — a ``torch.nn.<base>`` subclass with the pack's own math, reading its weights through
-    ``self.cast_weights`` — joined with the namespace's ``<base>`` layer, so that the memory manager sees one of its
-    own layers (streamed, patched, counted) while the numbers stay the pack's. Namespaces without ``<base>`` get
-    ``own`` with their weight cast."""
+    """``own`` — an :class:`OwnLayer` and ``torch.nn.<base>`` subclass with the pack's own math — joined with the
+    namespace's ``<base>`` layer, so that the memory manager sees one of its own layers (streamed, patched, counted)
+    while the numbers stay the pack's; it reads its weights through the namespace's cast and makes the namespace's
+    per-op call. Namespaces without ``<base>`` get ``own`` with their cast and call."""
     layer = getattr(operations, base, None)
-    cast = cast_weights_of(operations)
+    hooks = {"cast_weights": cast_weights_of(operations), "every_op": every_op_of(operations)}
     bases = (own,) if layer is None or issubclass(own, layer) else (own, layer)
-    if bases == (own,) and cast is own.cast_weights:
+    if bases == (own,) and all(getattr(own, name, None) is hook for name, hook in hooks.items()):
         return own
-    key = (bases, cast)
+    key = (bases, *hooks.values())
     if key not in _JOINED:
-        _JOINED[key] = type(own.__name__, bases, {"cast_weights": staticmethod(cast), "__module__": own.__module__})
+        methods = {name: staticmethod(hook) for name, hook in hooks.items()}
+        _JOINED[key] = type(own.__name__, bases, {**methods, "__module__": own.__module__})
     return _JOINED[key]
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from .attention import pack_attention
 from .config import VAEParams
-from .operations import namespace_layer, plain_cast_weights
+from .operations import OwnLayer, namespace_layer
 
 __all__ = [
     "AutoencoderKL",
@@ -48,17 +48,16 @@ _EPS = 1e-6
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class GroupNorm32(nn.GroupNorm):
+class GroupNorm32(OwnLayer, nn.GroupNorm):
     """Affine GroupNorm that normalises in fp32 when its input is fp16/bf16 and casts the result back.
 
     Its half-precision math differs from a plain GroupNorm; built from a namespace (:func:`group_norm`) it is the
     namespace's GroupNorm with this math, reading ``weight``/``bias`` through the namespace's cast at the
-    (fp32-promoted) input's device and dtype.
+    (fp32-promoted) input's device and dtype, and making the namespace's per-op call first.
     """
 
-    cast_weights = staticmethod(plain_cast_weights)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.every_op()
         xc = x.float() if x.dtype in _LOW_PRECISION else x
         with self.cast_weights(self, xc) as (weight, bias):
             out = F.group_norm(xc, self.num_groups, weight, bias, self.eps)

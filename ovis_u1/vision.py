@@ -6,8 +6,10 @@ Module names mirror the checkpoint keys under ``visual_tokenizer.``:
 norm_2, mlp.{fc1, fc2, fc3}}``, ``backbone.trunk.post_trunk_norm`` (stored, unused by Ovis) and ``head.{0, 1}``.
 
 No buffers: the RoPE angles, the window permutation and the attention segments depend only on ``grid_thws`` and are
-computed in ``forward`` (``VisualGeometry``, cached per grid and device in a plain dict), so the model can be built on
-the meta device. Parameters may be fp32, bf16 or fp16; RMSNorm statistics, RoPE and the head softmax run in fp32.
+computed in ``forward`` (``VisualGeometry``), so the model can be built on the meta device. They are computed on the
+CPU and the last few grids' are kept there (``GeometryCache``, owned by the model); a forward on another device uses
+a copy made for that forward, so nothing stays on an accelerator outside the memory manager's accounting.
+Parameters may be fp32, bf16 or fp16; RMSNorm statistics, RoPE and the head softmax run in fp32.
 
 Every layer comes from the ``operations`` namespace given to :class:`VisualTokenizer` (default ``torch.nn``; see
 :mod:`ovis_u1.operations`); the RMSNorm is the namespace's with the pack's fp32-statistics math, and the positional
@@ -16,7 +18,8 @@ table is read through the namespace's ``cast_to``, so weights may stay on an off
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +27,8 @@ from torch import nn
 
 from .attention import attention_segments
 from .config import VisionParams
-from .math import rms_norm
-from .operations import cast_to_of, namespace_layer, plain_cast_weights
+from .norms import RMSNorm, norm  # noqa: F401 — RMSNorm re-exported: the class of the encoder's norms
+from .operations import cast_to_of, plain_cast_weights
 
 # vte rows V-4..V-1 are reserved for the image indicators (official modeling_ovis_u1.py: IMAGE_INDICATOR_IDS,
 # Aimv2VisualTokenizer.forward, OvisU1.merge_multimodal)
@@ -140,6 +143,40 @@ class VisualGeometry:
             cos, sin = angles.cos(), angles.sin()
         return VisualGeometry(order, torch.argsort(order), window_lengths, image_lengths, cos, sin)
 
+    def to(self, device) -> "VisualGeometry":
+        """The same geometry with its tensors on ``device`` (itself where they already are)."""
+        def moved(t):
+            return None if t is None else t.to(device)
+
+        return replace(self, window_order=moved(self.window_order), inverse_order=moved(self.inverse_order),
+                       cos=moved(self.cos), sin=moved(self.sin))
+
+
+class GeometryCache:
+    """The ``VisualGeometry`` of the last ``size`` image grids, computed and kept on the CPU (least recently used
+    dropped first). The largest grid's RoPE tables take 17 MB (fp32 cos and sin of 16 384 patches at the
+    processor's 3.2 MP, head_dim 128), so a few grids — the sizes a workflow repeats — are kept and an unbounded
+    variety of sizes is not."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values(self) -> list[VisualGeometry]:
+        return list(self._entries.values())
+
+    def get(self, grids, params: VisionParams) -> VisualGeometry:
+        geo = self._entries.pop(grids, None)
+        if geo is None:
+            geo = VisualGeometry.build(grids, params, torch.device("cpu"))
+        self._entries[grids] = geo
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return geo
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half (non-interleaved) RoPE over the whole head in fp32: x [N, H, D], cos/sin [N, D] (official
@@ -164,22 +201,6 @@ def visual_embeddings(probs: torch.Tensor, vte: nn.Module, cast_weights=plain_ca
 # ---------------------------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------------------------
-
-class RMSNorm(nn.RMSNorm):
-    """RMSNorm with statistics in fp32, cast back to the input dtype, then times ``weight`` (official
-    modeling_aimv2.py, RMSNorm); built from a namespace by :func:`norm`, it reads its weight through the namespace's
-    cast."""
-
-    cast_weights = staticmethod(plain_cast_weights)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.cast_weights(self, x) as (weight, _):
-            return rms_norm(x, weight, self.eps)
-
-
-def norm(dim: int, eps: float, operations=nn) -> RMSNorm:
-    return namespace_layer(RMSNorm, operations, "RMSNorm")(dim, eps=eps)
-
 
 class PatchEmbed(nn.Module):
     """Conv2d(C→D, k=s=patch) on every 588-vector viewed as (C, ps, ps), then RMSNorm (official modeling_aimv2.py,
@@ -323,17 +344,11 @@ class VisualTokenizer(nn.Module):
         merged = params.hidden_size * params.hidden_stride ** 2
         head_dim = params.vocab_size - NUM_INDICATOR_TOKENS
         self.head = nn.Sequential(operations.Linear(merged, head_dim, bias=False), operations.LayerNorm(head_dim))
-        self._geometry: dict = {}  # (grids, device) → VisualGeometry; plain dict, not buffers
+        self._geometry = GeometryCache()  # not buffers: on the CPU, whatever device the weights are on
 
     def geometry(self, grid_thws, device) -> VisualGeometry:
-        grids = grid_list(grid_thws)
-        key = (grids, str(device))
-        geo = self._geometry.get(key)
-        if geo is None:
-            if len(self._geometry) >= 32:
-                self._geometry.clear()
-            geo = self._geometry[key] = VisualGeometry.build(grids, self.params, device)
-        return geo
+        """The grids' geometry on ``device``: a copy the caller's forward holds (the cache keeps the CPU one)."""
+        return self._geometry.get(grid_list(grid_thws), self.params).to(device)
 
     def encode(self, pixel_values: torch.Tensor, grid_thws) -> torch.Tensor:
         """pixel_values [N, C·ps·ps], grid_thws [n_img, 3] → last-block features [N, D] in merge-group order

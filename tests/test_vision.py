@@ -26,7 +26,14 @@ from ovis_u1.preprocess import (
     vae_pixel_values,
     white_canvas,
 )
-from ovis_u1.vision import VisualTokenizer, interpolate_pos_embed, visual_embeddings, window_index
+from ovis_u1.vision import (
+    VisualGeometry,
+    VisualTokenizer,
+    grid_list,
+    interpolate_pos_embed,
+    visual_embeddings,
+    window_index,
+)
 from tests.golden import CHECKPOINT, GOLDEN, TINY_A, assert_golden, manifest, requires_golden, tensors
 
 PIXEL_ATOL = 1e-6  # manifest: pixel_values / vae_pixel_values / context.vae_enc_input
@@ -255,3 +262,56 @@ def test_tiny_checkpoint_keys_match():
     with torch.device("meta"):
         model = VisualTokenizer(load_params(CHECKPOINT).vision)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == stored
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The per-grid RoPE tables (issue 22 item 7): bounded, on the CPU, freed with the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _meta_tokenizer() -> VisualTokenizer:
+    """The tiny model's visual encoder without weights: the geometry needs only its params."""
+    with torch.device("meta"):
+        return VisualTokenizer(load_params(CHECKPOINT).vision)
+
+
+def _tables(geo: VisualGeometry) -> list[torch.Tensor]:
+    return [geo.window_order, geo.inverse_order, geo.cos, geo.sin]
+
+
+def _grids(n: int) -> list[list[list[int]]]:
+    return [[[1, 4 * (i + 1), 8]] for i in range(n)]
+
+
+@requires_golden
+def test_rope_tables_keep_a_few_recent_grids_and_go_with_the_model():
+    import gc
+    import weakref
+
+    model = _meta_tokenizer()
+    grids = _grids(10)
+    for grid in grids:
+        model.geometry(grid, torch.device("cpu"))
+    model.geometry(grids[6], torch.device("cpu"))  # used again: the most recent, kept
+    for grid in _grids(12)[10:]:
+        model.geometry(grid, torch.device("cpu"))
+    assert 0 < len(model._geometry) <= 4, f"{len(model._geometry)} grids' tables kept"
+    kept = [geo.cos.shape[0] for geo in model._geometry.values()]
+    assert 7 * 4 * 8 in kept, "the grid used last but two was dropped before grids used earlier"
+    tables = [weakref.ref(t) for geo in model._geometry.values() for t in _tables(geo)]
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in tables), "the tables outlive the model"
+
+
+@requires_golden
+def test_rope_tables_live_on_the_computation_device_only_for_the_call():
+    """A forward on another device (the meta device stands in for a GPU) gets its tables there; what stays cached
+    is on the CPU, out of the accelerator's memory."""
+    model = _meta_tokenizer()
+    geo = model.geometry(_grids(1)[0], torch.device("meta"))
+    assert {t.device.type for t in _tables(geo)} == {"meta"}
+    assert len(model._geometry) == 1
+    assert {t.device.type for cached in model._geometry.values() for t in _tables(cached)} == {"cpu"}
+    again = model.geometry(_grids(1)[0], torch.device("cpu"))
+    reference = VisualGeometry.build(grid_list(_grids(1)[0]), model.params, torch.device("cpu"))
+    assert torch.equal(again.cos, reference.cos) and torch.equal(again.window_order, reference.window_order)

@@ -59,6 +59,7 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
 
         cast_to = staticmethod(cast_free_parameter)
         cast_weights = staticmethod(cast_layer_weights)
+        every_op = staticmethod(getattr(comfy.ops, "run_every_op", lambda: None))  # interrupt check; 0.3.64: none
 
     return Operations
 
