@@ -44,9 +44,11 @@ class OvisU1CoreVAE(comfy.sd.VAE):
     (its widths need not be SDXL's: the test checkpoints are tiny). Given no weights it sets every attribute a VAE has
     to its default and stops; that call is made first, so attributes later ComfyUI versions add (0.33.0:
     ``format_encoded``, ``handles_tiling``) exist here too, and only what differs from the defaults is set after it.
+    ``disable_dynamic``: the patcher is a plain ``ModelPatcher`` (what ``ModelPatcher.clone(disable_dynamic=True)``
+    asks of a rebuild).
     """
 
-    def __init__(self, vae):
+    def __init__(self, vae, disable_dynamic: bool = False):
         with _quiet_vae_warning():
             comfy.sd.VAE.__init__(self, sd={})
         widths = tuple(vae.params.block_out_channels) if hasattr(vae, "params") else estimates.SDXL_BLOCK_OUT
@@ -60,8 +62,8 @@ class OvisU1CoreVAE(comfy.sd.VAE):
         self.device = load_device()
         self.vae_dtype = next(vae.parameters()).dtype
         self.output_device = mm.intermediate_device()
-        self.patcher = patcher_class()(self.first_stage_model, load_device=self.device,
-                                       offload_device=mm.vae_offload_device(), size=weight_bytes(vae))
+        self.patcher = patcher_class(disable_dynamic)(self.first_stage_model, load_device=self.device,
+                                                      offload_device=mm.vae_offload_device(), size=weight_bytes(vae))
 
     def vae_output_dtype(self):
         return mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else torch.float32
@@ -82,8 +84,8 @@ def _quiet_vae_warning():
         root.removeFilter(drop)
 
 
-def make_core_vae(ovis) -> OvisU1CoreVAE:
-    return OvisU1CoreVAE(ovis.vae)
+def make_core_vae(ovis, disable_dynamic: bool = False) -> OvisU1CoreVAE:
+    return OvisU1CoreVAE(ovis.vae, disable_dynamic)
 
 
 def ovis_vae_of(vae, name: str = "vae"):
