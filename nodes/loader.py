@@ -54,7 +54,8 @@ class OvisU1ModelLoader:
                     "default": "auto",
                     "tooltip": "Weight and compute precision of the LLM, visual encoder and MMDiT (the VAE runs in "
                                "fp32 unless ComfyUI was started with --bf16-vae / --fp16-vae). auto: what ComfyUI "
-                               "recommends for the device (bf16 on recent GPUs, fp32 on the CPU).",
+                               "recommends for the device (bf16 on recent GPUs, fp32 on the CPU and on GPUs without "
+                               "bf16, where the console says so: pick fp16 there to halve the memory).",
                 }),
                 "attention": (list(ATTENTION), {
                     "default": "auto",

@@ -1,5 +1,5 @@
-"""Inside a real ComfyUI (in this process, ``--cpu``): where and in what dtype the pack's VAE computes — the
-branches a GPU takes, forced on a CPU.
+"""Inside a real ComfyUI (in this process, ``--cpu``): where and in what dtype the pack's VAE computes, and what the
+loader's ``auto`` dtype says on a GPU without bf16 — the branches a GPU takes, forced on a CPU.
 
 The core VAE takes its device and dtype from ComfyUI as ``comfy.sd.VAE.__init__`` does (``vae_device()``,
 ``vae_offload_device()``, ``vae_dtype(device, working_dtypes)``), so ``--cpu-vae``, ``--bf16-vae`` and ``--fp16-vae``
@@ -16,6 +16,7 @@ tests/comfyui/test_vae_device.py (and the same for 0.18.1 and 0.3.64; OVIS_U1_LA
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 
 import numpy as np
@@ -131,3 +132,31 @@ def test_the_edit_context_is_encoded_on_the_vae_device_not_where_its_weights_are
     with pytest.raises(Stop):
         edit_context(comfy, vae)
     assert seen == [(GPU, vae.vae_dtype)]
+
+
+# ------------------------------------------------------------------------------------------- auto dtype note
+@pytest.mark.parametrize("bf16", [False, True], ids=["gpu-without-bf16", "gpu-with-bf16"])
+def test_auto_dtype_says_once_per_load_that_a_gpu_without_bf16_gets_fp32(comfy, monkeypatch, caplog, bf16):
+    """The loader with dtype auto on a CUDA device whose bf16 ComfyUI does not use (``should_use_bf16`` false:
+    Pascal, Turing) loads fp32 and says so in one console line that names fp16 as the way to half the memory."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: bf16)
+    loader = comfy["pack"].NODE_CLASS_MAPPINGS["OvisU1ModelLoader"]()
+    with caplog.at_level(logging.INFO):
+        encoder, _, _ = loader.load(model="Ovis-U1-3B", dtype="auto")
+    notes = [r for r in caplog.records if "dtype auto" in r.getMessage()]
+    if bf16:
+        assert encoder.dtype == torch.bfloat16 and not notes
+        return
+    assert encoder.dtype == torch.float32
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING, caplog.text
+    assert all(word in notes[0].getMessage() for word in ("fp32", "bf16", "fp16", "cuda:0")), notes[0].getMessage()
+
+
+def test_auto_dtype_on_the_cpu_says_nothing(comfy, caplog):
+    host = bridge(comfy, "host")
+    with caplog.at_level(logging.INFO):
+        assert host.auto_dtype() == torch.float32
+    assert not [r for r in caplog.records if "dtype auto" in r.getMessage()]
