@@ -118,7 +118,7 @@ def test_a_half_precision_vae_decodes_and_encodes_the_edit_context_in_it(comfy, 
     (image,) = call(comfy["core"].VAEDecode, samples=latent, vae=vae)
     (reference,) = call(comfy["core"].VAEDecode, samples=latent, vae=comfy["vae"])
     context, reference_context = edit_context(comfy, vae), edit_context(comfy, comfy["vae"])
-    assert {dtype for _, dtype in decoded_in + encoded_in} == {vae.vae_dtype}
+    assert {dtype for _, dtype in decoded_in + encoded_in} == {FLAGS[flag][1]}
     assert relative_error(image, reference) < 5e-2
     assert context.dtype == torch.float32 and relative_error(context, reference_context) < 5e-2
 
