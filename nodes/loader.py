@@ -37,8 +37,8 @@ class OvisU1ModelLoader:
         "The LLM, visual encoder and tokenizer, for 'Ovis-U1 Understand' and 'Ovis-U1 Encode Condition'.",
         "The MMDiT as a core MODEL for 'Ovis-U1 MMDiT Sampler' and ComfyUI's own samplers, guiders, LoRA loaders "
         "(LoraLoaderModelOnly), patches and caches; condition it with 'Ovis-U1 Encode Condition'.",
-        "The checkpoint's VAE as a core VAE (fp32) for VAEDecode, VAEDecodeTiled, VAEEncode and 'Ovis-U1 Edit "
-        "Context Encoder'.",
+        "The checkpoint's VAE as a core VAE (fp32, or ComfyUI's --bf16-vae / --fp16-vae; on ComfyUI's VAE device, "
+        "the CPU with --cpu-vae) for VAEDecode, VAEDecodeTiled, VAEEncode and 'Ovis-U1 Edit Context Encoder'.",
     )
     FUNCTION = "load"
 
@@ -52,9 +52,10 @@ class OvisU1ModelLoader:
                 }),
                 "dtype": (list(DTYPES), {
                     "default": "auto",
-                    "tooltip": "Weight and compute precision of the LLM, visual encoder and MMDiT (the VAE always "
-                               "runs in fp32). auto: what ComfyUI recommends for the device (bf16 on recent GPUs, "
-                               "fp32 on the CPU).",
+                    "tooltip": "Weight and compute precision of the LLM, visual encoder and MMDiT (the VAE runs in "
+                               "fp32 unless ComfyUI was started with --bf16-vae / --fp16-vae). auto: what ComfyUI "
+                               "recommends for the device (bf16 on recent GPUs, fp32 on the CPU and on GPUs without "
+                               "bf16, where the console says so: pick fp16 there to halve the memory).",
                 }),
                 "attention": (list(ATTENTION), {
                     "default": "auto",

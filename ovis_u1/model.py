@@ -456,13 +456,17 @@ def sized_edit_source(image: Image.Image, width, height, name: str = "image") ->
 
 
 @torch.inference_mode()
-def sample_edit_latent(vae: AutoencoderKL, source: Image.Image, seed: int) -> torch.Tensor:
+def sample_edit_latent(vae: AutoencoderKL, source: Image.Image, seed: int, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """The raw VAE latent [1, 4, H/8, W/8] (fp32) of an edit source at its edit size: a sample of the posterior
-    drawn with a CPU generator seeded with ``seed``, as the official edit encodes its context."""
+    drawn with a CPU generator seeded with ``seed``, as the official edit encodes its context. Encoded on ``device``
+    in ``dtype`` (None: where the VAE computes, in its weights' dtype): a host's VAE device and dtype, whatever part
+    of the weights it has moved there."""
     seed = check_seed(seed)
     width, height = source.size
     pixels = vae_pixel_values(source, width, height)
-    mean, logvar = vae.encode(pixels.to(device=_device_of(vae), dtype=_dtype_of(vae)))
+    dtype = dtype or _dtype_of(vae)
+    mean, logvar = vae.encode(pixels.to(device=device or _device_of(vae), dtype=dtype), dtype)
     return vae.sample_latent(mean, logvar, generator=torch.Generator().manual_seed(seed)).float()
 
 

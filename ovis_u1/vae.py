@@ -260,9 +260,11 @@ class AutoencoderKL(nn.Module):
     def device(self) -> torch.device:
         return self.quant_conv.weight.device
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, 3, H, W] in [-1, 1] → (mean, logvar), each [B, latent, H/8, W/8]; logvar clamped to [-30, 20]."""
-        moments = self.quant_conv(self.encoder(x.to(self.dtype)))
+    def encode(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, 3, H, W] in [-1, 1] → (mean, logvar), each [B, latent, H/8, W/8]; logvar clamped to [-30, 20].
+        Computed on x's device in ``dtype`` (None: the weights' dtype); a host that keeps some weights elsewhere
+        (a partial load) passes its own device and dtype and its layers cast the weights there."""
+        moments = self.quant_conv(self.encoder(x.to(dtype or self.dtype)))
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, torch.clamp(logvar, -30.0, 20.0)
 
@@ -289,9 +291,10 @@ class AutoencoderKL(nn.Module):
         std = torch.exp(0.5 * logvar)
         return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [B, latent, h, w] (unscaled VAE space) → image [B, 3, 8h, 8w], not clamped."""
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+    def decode(self, z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """z: [B, latent, h, w] (unscaled VAE space) → image [B, 3, 8h, 8w], not clamped; on z's device in ``dtype``
+        (None: the weights' dtype), as :meth:`encode`."""
+        return self.decoder(self.post_quant_conv(z.to(dtype or self.dtype)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z)

@@ -8,7 +8,8 @@ Inside ComfyUI a loaded checkpoint is built from ComfyUI's operations (``comfy.o
 model management moves to the GPU when a node needs them, loads partially (streaming the rest) when they do not fit,
 and offloads when another model needs the memory:
 
-* ``loading`` builds them; ``memory``: the encoder (LLM, visual encoder, tokenizer) under its own patcher, for Understand and Encode Condition;
+* ``loading`` builds them (and rebuilds a part for ComfyUI's non-dynamic clones); ``memory``: the encoder (LLM,
+  visual encoder, tokenizer) under its own patcher, for Understand and Encode Condition;
 * ``core_model``: the MMDiT as a core MODEL (``conditioning``: what its CONDITIONING holds);
 * ``core_vae``: the VAE as a core VAE.
 

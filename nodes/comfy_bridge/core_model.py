@@ -315,17 +315,17 @@ def _storage_dtype(mmdit, compute_dtype: torch.dtype) -> torch.dtype:
     return fp8[0] if fp8 else compute_dtype
 
 
-def make_core_model(ovis, compute_dtype: torch.dtype):
+def make_core_model(ovis, compute_dtype: torch.dtype, disable_dynamic: bool = False):
     """The MMDiT of a loaded OvisU1 (built with ``mmdit_class=OvisU1MMDiT``) as a core MODEL: a patcher over
-    ``OvisU1Model``, sized by the MMDiT's own weights."""
+    ``OvisU1Model``, sized by the MMDiT's own weights (a plain ``ModelPatcher`` with ``disable_dynamic``)."""
     mmdit = ovis.mmdit
     storage = _storage_dtype(mmdit, compute_dtype)
     mmdit.dtype = storage
     mmdit.kernel = ovis.attention
     config = OvisU1ModelConfig(ovis.params, compute_dtype, storage)
     model = OvisU1Model(config, mmdit)
-    patcher = patcher_class()(model, load_device=load_device(), offload_device=offload_device(),
-                              size=weight_bytes(mmdit))
+    patcher = patcher_class(disable_dynamic)(model, load_device=load_device(), offload_device=offload_device(),
+                                             size=weight_bytes(mmdit))
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PerSamplingCache.KEY,
                                  per_sampling_cache)
     patch_on_load(patcher)  # patches reach the QK-norm scales and cls_token on every load path

@@ -2,6 +2,15 @@
 
 Inside ComfyUI the model is built from ComfyUI's operations (``memory.comfy_operations``) with the MMDiT class of the
 core MODEL (``core_model.OvisU1MMDiT``), on the offload device: ComfyUI moves each part to the GPU when a node uses it.
+
+Each part's patcher can be rebuilt as ComfyUI rebuilds the models of its own loaders (comfy/sd.py
+``load_checkpoint_guess_config``, ``load_diffusion_model``, ``load_clip``): its ``cached_patcher_init`` is
+``load_patcher`` with the loader's arguments. ``ModelPatcher.clone(disable_dynamic=True)`` (ComfyUI ≥ 0.18) calls it
+with ``disable_dynamic=True`` to get a model that is not under Dynamic VRAM — core's TorchCompileModel, sampling with
+conditioning that carries hooks (``CFGGuider.inner_set_conds``), the multi-GPU CPU option — and multi-GPU deep clones
+call it without. A rebuild loads the whole checkpoint folder again (the loader reads it as one module) and keeps the
+one part: for the time of the call it costs what the Model Loader costs, and the new part stays as large as the
+loaded one.
 """
 
 from __future__ import annotations
@@ -19,10 +28,14 @@ if IN_COMFYUI:
     from .core_model import OvisU1MMDiT, make_core_model
     from .core_vae import make_core_vae
 
+PARTS = ("encoder", "model", "vae")  # the loader's outputs, in order
+
 
 def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto"):
     """``ovis_u1.load_model`` with ComfyUI's operations and the MMDiT class of the core MODEL (inside ComfyUI) and
-    the weight-storage choice, on the offload device: ComfyUI moves each part to the GPU when a node uses it."""
+    the weight-storage choice, on the offload device: ComfyUI moves each part to the GPU when a node uses it. With
+    ``attention`` auto the model attends with ComfyUI's selection (its flags); sdpa / flash_attn force the pack's
+    own."""
     kwargs = {}
     if IN_COMFYUI:
         kwargs["operations"] = comfy_operations(dtype, weight_dtype)
@@ -30,7 +43,10 @@ def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attenti
         kwargs["mark_file_slice"] = file_slices.marker()  # Dynamic VRAM reads the weights from their file
     if weight_dtype is not None:
         kwargs["weight_dtype"] = weight_dtype
-    return load_model(path, device=offload_device(), dtype=dtype, attention=attention, **kwargs)
+    ovis = load_model(path, device=offload_device(), dtype=dtype, attention=attention, **kwargs)
+    if IN_COMFYUI and attention == "auto":
+        ovis.set_attention(comfy_kernel())
+    return ovis
 
 
 def load(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto", name: str = ""):
@@ -38,6 +54,31 @@ def load(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: s
     ovis = load_ovis(path, dtype, weight_dtype=weight_dtype, attention=attention)
     if not IN_COMFYUI:
         return OvisU1Encoder(ovis, attention, name, dtype), None, None
-    if attention == "auto":  # ComfyUI's selection (its flags); sdpa / flash_attn force the pack's own
-        ovis.set_attention(comfy_kernel())
-    return OvisU1Encoder(ovis, attention, name, dtype), make_core_model(ovis, dtype), make_core_vae(ovis)
+    outputs = tuple(make_part(ovis, part, dtype, attention, name) for part in PARTS)
+    for part, output in zip(PARTS, outputs):
+        patcher_of(output).cached_patcher_init = (load_patcher, (path, dtype, weight_dtype, attention, part))
+    return outputs
+
+
+def load_patcher(path, dtype: torch.dtype, weight_dtype: str | None, attention: str, part: str,
+                 disable_dynamic: bool = False):
+    """The patcher of one part (``PARTS``) of the checkpoint folder loaded anew, as ``load`` made it: ComfyUI's
+    ``cached_patcher_init`` factory of the three patchers. ``disable_dynamic``: a plain ``ModelPatcher``."""
+    ovis = load_ovis(path, dtype, weight_dtype=weight_dtype, attention=attention)
+    patcher = patcher_of(make_part(ovis, part, dtype, attention, disable_dynamic=disable_dynamic))
+    patcher.cached_patcher_init = (load_patcher, (path, dtype, weight_dtype, attention, part))
+    return patcher
+
+
+def make_part(ovis, part: str, dtype: torch.dtype, attention: str, name: str = "", disable_dynamic: bool = False):
+    """One output of the loader over a loaded OvisU1: the encoder, the core MODEL (a patcher) or the core VAE."""
+    if part == "encoder":
+        return OvisU1Encoder(ovis, attention, name, dtype, disable_dynamic)
+    if part == "model":
+        return make_core_model(ovis, dtype, disable_dynamic)
+    return make_core_vae(ovis, disable_dynamic)
+
+
+def patcher_of(output):
+    """The patcher ComfyUI manages an output of the loader by (the MODEL is one)."""
+    return getattr(output, "patcher", output)

@@ -33,10 +33,13 @@ WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e5m2": "fp8_e
 _TORCH_WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-def patcher_class():
+def patcher_class(disable_dynamic: bool = False):
     """The patcher ComfyUI wraps its own models in: ``CoreModelPatcher`` (0.18.1; ``main.py`` rebinds it to the
-    dynamic-VRAM patcher on NVIDIA, so it is looked up at call time) or ``ModelPatcher`` (older versions)."""
+    dynamic-VRAM patcher on NVIDIA, so it is looked up at call time) or ``ModelPatcher`` (older versions, and where
+    ``disable_dynamic`` asks for a patcher that is never dynamic, as comfy/sd.py's loaders choose theirs)."""
     patchers = comfy.model_patcher
+    if disable_dynamic:
+        return patchers.ModelPatcher
     return getattr(patchers, "CoreModelPatcher", patchers.ModelPatcher)
 
 
@@ -103,9 +106,11 @@ def weight_bytes(module: nn.Module) -> int:
 class OvisU1Encoder:
     """What flows through an ``OVIS_U1_ENCODER`` socket: the loaded OvisU1 (its LLM, visual encoder and tokenizer are
     what Understand and Encode Condition run), its compute dtype and attention choice, and in ComfyUI one patcher over
-    those parts. The MMDiT and the VAE of the same OvisU1 travel as the core MODEL and VAE."""
+    those parts. The MMDiT and the VAE of the same OvisU1 travel as the core MODEL and VAE. ``disable_dynamic``: the
+    patcher is a plain ``ModelPatcher`` (what ``ModelPatcher.clone(disable_dynamic=True)`` asks of a rebuild)."""
 
-    def __init__(self, model, attention: str = "auto", name: str = "", dtype: torch.dtype | None = None):
+    def __init__(self, model, attention: str = "auto", name: str = "", dtype: torch.dtype | None = None,
+                 disable_dynamic: bool = False):
         self.model = model
         self.attention = attention
         self.name = name
@@ -115,8 +120,8 @@ class OvisU1Encoder:
             llm = OvisU1LLM()
             for part, module in (("llm", model.llm), ("visual_tokenizer", model.visual_tokenizer), ("vte", model.vte)):
                 llm.add_module(part, module)  # the same modules: moving the patcher's model moves the OvisU1's
-            self.patcher = patcher_class()(llm, load_device=load_device(), offload_device=offload_device(),
-                                           size=weight_bytes(llm))
+            self.patcher = patcher_class(disable_dynamic)(llm, load_device=load_device(),
+                                                          offload_device=offload_device(), size=weight_bytes(llm))
 
     @property
     def params(self):
