@@ -56,6 +56,23 @@ def peak_bytes(fn) -> int:
     return mode.peak
 
 
+def last_token_peak(llm, embeds: torch.Tensor, new_tokens: int = 3) -> int:
+    """Peak bytes of the last generated token's step of ``ovis_u1.llm.generate`` (greedy, no end-of-sequence stop):
+    from the report of the token before it to its own, its input's lookup, every layer, the LM head and the choice."""
+    from ovis_u1.llm import generate
+
+    mode = StoragePeak()
+
+    def on_token(i: int, n: int) -> None:
+        if i == n - 1:
+            mode.__enter__()
+        elif i == n:
+            mode.__exit__(None, None, None)
+
+    generate(llm, embeds, None, new_tokens, on_token=on_token)
+    return mode.peak
+
+
 def test_peak_counter_counts_what_is_alive_at_once():
     def work():
         a = torch.empty(1000, 1000)
