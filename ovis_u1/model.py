@@ -133,20 +133,24 @@ class VisualGenerator(nn.Module):
 
 
 class OvisU1(nn.Module):
-    """The whole model. ``operations``: the layer namespace every part is built from (default ``torch.nn``; the
+    """The whole model. ``operations``: the layer namespace the parts are built from (default ``torch.nn``; the
     ComfyUI bridge passes ComfyUI's operations, fp8 storage the pack's :class:`ovis_u1.operations.manual_cast`);
+    ``encoder_operations``: the namespace of the encoder parts — LLM, visual encoder, visual embedding table — where
+    it differs (None: ``operations``; the ComfyUI bridge passes one without ComfyUI's fp8 matmul: see
+    :data:`FP8_KEPT_OUT`);
     ``mmdit_class``: the MMDiT's class (a host's subclass that adds its own call convention)."""
 
     def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto", operations=nn,
-                 mmdit_class: type[MMDiT] = MMDiT):
+                 mmdit_class: type[MMDiT] = MMDiT, encoder_operations=None):
         super().__init__()
+        encoder_operations = operations if encoder_operations is None else encoder_operations
         self.params = params
         self.tokenizer = tokenizer
         self.attention = attention_kernels.kernel(attention)
-        self.cast_weights = cast_weights_of(operations)  # reads the visual embedding table outside its forward
-        self.llm = build_llm(params.llm_config, attention, operations)
-        self.visual_tokenizer = VisualTokenizer(params.vision, operations=operations)
-        self.vte = operations.Embedding(params.vision.vocab_size, params.hidden_size)
+        self.cast_weights = cast_weights_of(encoder_operations)  # reads the visual embedding table outside its forward
+        self.llm = build_llm(params.llm_config, attention, encoder_operations)
+        self.visual_tokenizer = VisualTokenizer(params.vision, operations=encoder_operations)
+        self.vte = encoder_operations.Embedding(params.vision.vocab_size, params.hidden_size)
         self.visual_generator = VisualGenerator(params, operations=operations, mmdit_class=mmdit_class)
 
     # ----------------------------------------------------------------------------------------------- parts
@@ -490,6 +494,12 @@ FP8_PARTS = ("llm.", "visual_tokenizer.", "vte.", "visual_generator.backbone.") 
 # txt_in.input_embedder is kept out for its input rather than a measured cost: it multiplies the LLM's un-normalised
 # last-layer input (half of the condition), whose outlier channels can exceed ±448 on real weights; on the random test
 # weights nothing reaches the clamp (every Linear input |x| ≤ 15 on the tiny model, the condition ≤ 9 on the mid one).
+#
+# The encoder parts (LLM, visual encoder, visual embedding table) never take that fp8 matmul: a host builds them from
+# a namespace without it (``encoder_operations`` of :func:`load_model`; ComfyUI builds its own text encoders with
+# the plain manual cast, comfy/sd1_clip.py), fp8 *storage* stays available to them. Their inputs are what the clamp
+# would cut: LLMs of this family carry activation outliers in the thousands (the MLP's down_proj inputs) and the
+# visual head multiplies an un-normalised input — the case ``txt_in.input_embedder`` is kept out for (above).
 FP8_KEPT_OUT: tuple[str, ...] = tuple(
     f"visual_generator.backbone.{name}.weight"
     for name in ("txt_in.input_embedder", "txt_in.c_embedder.linear_1", "txt_in.c_embedder.linear_2",
@@ -534,6 +544,19 @@ def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None)
     return keys
 
 
+def _operations_for(weight_dtype: torch.dtype | None, operations, name: str):
+    """The namespace ``operations`` (None: ``torch.nn``, the pack's manual cast under fp8 storage), refused where it
+    cannot hold fp8 weights."""
+    if operations is None:
+        return manual_cast if weight_dtype is not None else nn
+    if weight_dtype is not None and operations is nn:
+        raise OvisU1InputError(
+            f"weight_dtype {weight_dtype} needs layers that cast their weights (torch.nn layers cannot compute "
+            f"with fp8 weights): leave {name} unset (the pack's manual cast is used) or pass a manual-cast one"
+        )
+    return operations
+
+
 def load_model(
     path: str | Path,
     device=None,
@@ -542,6 +565,7 @@ def load_model(
     operations=None,
     weight_dtype: torch.dtype | str | None = None,
     mmdit_class: type[MMDiT] = MMDiT,
+    encoder_operations=None,
 ) -> OvisU1:
     """Load an Ovis-U1 checkpoint folder (Hugging Face layout). The VAE is kept in fp32 (the official decode runs
     in fp32 on CUDA); everything else computes in ``dtype`` (default bf16 where supported, else fp32).
@@ -549,16 +573,13 @@ def load_model(
     ``weight_dtype`` (None/"default", torch.float8_e4m3fn/"fp8_e4m3fn", torch.float8_e5m2/"fp8_e5m2") stores the
     weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see :func:`fp8_keys`); compute stays
     in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``, or the pack's manual cast when
-    ``weight_dtype`` is set).
+    ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and visual embedding table's where
+    it differs (None: ``operations``; see :class:`OvisU1`).
     """
     weight_dtype = parse_weight_dtype(weight_dtype)
-    if operations is None:
-        operations = manual_cast if weight_dtype is not None else nn
-    elif weight_dtype is not None and operations is nn:
-        raise OvisU1InputError(
-            f"weight_dtype {weight_dtype} needs layers that cast their weights (torch.nn layers cannot compute "
-            "with fp8 weights): leave operations unset (the pack's manual cast is used) or pass a manual-cast one"
-        )
+    operations = _operations_for(weight_dtype, operations, "operations")
+    if encoder_operations is not None:
+        encoder_operations = _operations_for(weight_dtype, encoder_operations, "encoder_operations")
     directory = check_directory(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -568,7 +589,7 @@ def load_model(
     with reading_ahead(directory):  # the disk reads while the model is built
         with torch.device("meta"):
             model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations,
-                           mmdit_class=mmdit_class)
+                           mmdit_class=mmdit_class, encoder_operations=encoder_operations)
         shapes = architecture_shapes(params)
         stored_in_fp8 = fp8_keys(model, shapes) if weight_dtype is not None else set()
 
