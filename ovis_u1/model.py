@@ -508,6 +508,16 @@ FP8_KEPT_OUT: tuple[str, ...] = tuple(
 )
 
 
+# The LLM's token table keeps the compute dtype under fp8 storage. Every generated token reads it twice: the row of
+# the next input, and all of it as the tied LM head. Stored in fp8 it would be converted in full for both at every
+# token: ComfyUI's cast Embedding converts its whole weight to look up one row (comfy/ops.py,
+# disable_weight_init.Embedding.forward_comfy_cast_weights), and the head's cast converts the whole table — the real
+# model's 151936 × 2048, 622 MB in bf16, twice per token. In the compute dtype the lookup and the head convert
+# nothing; the table costs its size once more than in fp8 (311 MB of the real model, resident) and the peak of a
+# token is lower than with an fp8 table and its converted copy (README, "Memory and speed").
+FP8_TOKEN_TABLE = "llm.model.embed_tokens.weight"
+
+
 def architecture_shapes(params: OvisU1Params) -> dict[str, tuple[int, ...]]:
     """Every stored key of the architecture ``params`` describe, with its shape: the model built with plain torch.nn
     layers on the meta device (nothing allocated). The reference for a checkpoint's keys, whatever namespace the
@@ -527,7 +537,8 @@ def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None)
     Biases, norm weights and free parameters (positional table, cls token) keep the compute dtype: they are a
     negligible share of the bytes and the values most sensitive to rounding. Layers that cannot cast (plain
     torch.nn) are left alone, so fp8 never reaches a layer that would multiply in fp8. The matrices of
-    :data:`FP8_KEPT_OUT` keep the compute dtype too (their inputs do not survive ComfyUI's fp8 matmul).
+    :data:`FP8_KEPT_OUT` keep the compute dtype too (their inputs do not survive ComfyUI's fp8 matmul), and so does
+    the LLM's token table (:data:`FP8_TOKEN_TABLE`: read whole at every generated token).
     """
     keys = set()
     for name, module in model.named_modules():
@@ -539,7 +550,8 @@ def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None)
         else:
             weight = getattr(module, "weight", None)
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
-        if shape is not None and len(shape) >= 2 and key.startswith(FP8_PARTS) and key not in FP8_KEPT_OUT:
+        if (shape is not None and len(shape) >= 2 and key.startswith(FP8_PARTS) and key not in FP8_KEPT_OUT
+                and key != FP8_TOKEN_TABLE):
             keys.add(key)
     return keys
 

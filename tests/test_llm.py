@@ -12,6 +12,7 @@ from torch import nn
 
 from ovis_u1 import attention as attn
 from ovis_u1.llm import RMSNorm, TiedLMHead, build_llm, condition_states, generate, qwen3_params
+from tests.golden import CHECKPOINT, requires_golden
 
 TINY = {
     "model_type": "qwen3", "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
@@ -129,6 +130,24 @@ def test_a_generated_token_copies_no_kv_prefix(monkeypatch, backend, sdpa_takes_
     scores = estimates.attention_scores_memory(estimates.pack_kernel_scores(backend), 1,
                                                TINY["num_attention_heads"], 1, 200 - 8, 4)
     assert long - short <= scores, f"a token of a 200-position prefix allocates {long} bytes, of an 8-position one {short}"
+
+
+@requires_golden
+def test_a_generated_token_converts_no_table():
+    """With fp8 storage a generated token's step converts weights one layer at a time and never the token table:
+    neither to look up the next input's row nor as the tied LM head (the tiny model's table is larger in the compute
+    dtype than everything else a step holds at once)."""
+    import ovis_u1
+    from tests.test_estimates import last_token_peak
+
+    model = ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn")
+    table = model.llm.get_input_embeddings()
+    assert model.llm.params.tie_word_embeddings
+    with torch.inference_mode():
+        embeds = table(torch.arange(12))
+    peak = last_token_peak(model.llm, embeds)
+    table_bytes = table.weight.nelement() * torch.bfloat16.itemsize
+    assert peak < table_bytes, f"a generated token holds {peak} bytes at once, the table is {table_bytes} in bf16"
 
 
 def test_grouped_heads_give_the_numbers_of_repeated_heads(monkeypatch):

@@ -14,6 +14,8 @@ flag), with ordinary and lazily built layers.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -85,3 +87,38 @@ def test_the_fp8_matmul_takes_the_mmdit_and_never_the_encoder(pack, fast_fp8, fp
     kept_out = {key.removesuffix(".weight") for key in library(pack).model.FP8_KEPT_OUT}
     assert taken == fp8_linears(ovis, "visual_generator.backbone."), "the MMDiT's fp8 matrices take the fp8 matmul"
     assert taken and not taken & kept_out
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """(layer, bytes) of every weight ComfyUI's cast hands out in another dtype than it is stored in, through a spy
+    on ``comfy.ops.cast_bias_weight`` (the cast of every comfy.ops layer and of the pack's reads outside them)."""
+    import comfy.ops
+
+    converted = []
+    cast = comfy.ops.cast_bias_weight
+
+    def counting(layer, *args, **kwargs):
+        out = cast(layer, *args, **kwargs)
+        if out[0] is not None and out[0].dtype != layer.weight.dtype:
+            converted.append((layer, out[0].nbytes))
+        return out
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counting)
+    return converted
+
+
+def test_a_generated_token_converts_each_fp8_weight_once_and_no_table(pack, conversions):  # noqa: F811
+    encoder, _, _ = load(pack, dtype="bf16", weight_dtype="fp8_e4m3fn")
+    ovis = encoder.load()
+    llm = ovis.llm
+    generate = sys.modules[f"{pack.__name__}.ovis_u1.llm"].generate
+    with torch.inference_mode():
+        embeds = llm.get_input_embeddings()(torch.arange(12, device=llm.model.norm.weight.device))
+    marks = {}
+    generate(llm, embeds, None, 3, on_token=lambda i, n: marks.setdefault(i, len(conversions)))
+    step = conversions[marks[2]:marks[3]]  # the third token's step: its input's lookup, the layers, the head
+    names = module_names(llm)
+    converted = [names[id(layer)] for layer, _ in step]
+    assert "model.embed_tokens" not in converted, "the token table was converted for a generated token"
+    assert sorted(converted) == sorted(fp8_linears(llm, "model.")), "each fp8 matrix of the LLM is converted once"
