@@ -129,7 +129,8 @@ def test_a_generated_token_copies_no_kv_prefix(monkeypatch, backend, sdpa_takes_
         short, long = (last_token_peak(llm, embeds_of(n)[0]) for n in (8, 200))
     scores = estimates.attention_scores_memory(estimates.pack_kernel_scores(backend), 1,
                                                TINY["num_attention_heads"], 1, 200 - 8, 4)
-    assert long - short <= scores, f"a token of a 200-position prefix allocates {long} bytes, of an 8-position one {short}"
+    assert long - short <= scores, (f"a token of a 200-position prefix allocates {long} bytes, of an 8-position "
+                                    f"one {short}")
 
 
 @requires_golden
