@@ -138,14 +138,19 @@ def worker_load(args) -> dict:
     }
 
 
-def run_worker(kind: str, path: Path, root: str, dtype: str = "", cache: str = "cold") -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--root", root, "--cache", cache]
-    if dtype:
-        cmd += ["--dtype", dtype]
+def run_json(cmd: list[str]) -> dict:
+    """The JSON object a worker process ``cmd`` prints on its last line (its stderr in the error if it fails)."""
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_worker(kind: str, path: Path, root: str, dtype: str = "", cache: str = "cold") -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--root", root, "--cache", cache]
+    if dtype:
+        cmd += ["--dtype", dtype]
+    return run_json(cmd)
 
 
 # ------------------------------------------------------------------------------------------------- report

@@ -377,6 +377,7 @@ def load_for_quality(checkpoint, storage: str, device, dtype):
     import torch
 
     import ovis_u1
+    from ovis_u1.operations import manual_cast
 
     if storage in ("default", "fp32 model"):
         return ovis_u1.load_model(checkpoint, device=device, dtype=torch.float32 if storage == "fp32 model" else dtype)
@@ -386,9 +387,9 @@ def load_for_quality(checkpoint, storage: str, device, dtype):
         raise SystemExit(f"--storage {storage}: use fp8_e4m3fn or fp8_e5m2, optionally +all, and +fast only with "
                          "fp8_e4m3fn (ComfyUI's fp8 matmul takes only e4m3fn weights; e5m2 layers take the plain cast)")
     operations = fast_fp8_operations() if fast else None
-    with fp8_keep_out(not all_fp8):
+    with fp8_keep_out(not all_fp8):  # the encoder parts never take the fp8 matmul (the bridge builds them so)
         return ovis_u1.load_model(checkpoint, device=device, dtype=dtype, weight_dtype=weight_dtype,
-                                  operations=operations)
+                                  operations=operations, encoder_operations=manual_cast if fast else None)
 
 
 def run_t2i(model, size: int, steps: int, prompt: str = "a cute cat"):

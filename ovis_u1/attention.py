@@ -2,7 +2,8 @@
 
 Every attention in Ovis-U1 (AIMv2 encoder, token refiner, MMDiT, VAE) is unmasked softmax attention with scale
 1/sqrt(head_dim); the language model's is causal and grouped-query (:func:`causal_attention`, following
-transformers 4.51.3: key and value heads repeated for sdpa / math, an explicit scale, the math softmax in fp32).
+transformers 4.51.3: an explicit scale, the math softmax in fp32; the key/value head a group of query heads shares is
+read as it is, never repeated into a copy per call as transformers' ``repeat_kv`` does: SDPA's ``enable_gqa``).
 The pack's own kernels:
 
 * ``sdpa``  — ``torch.nn.functional.scaled_dot_product_attention`` (default).
@@ -118,34 +119,68 @@ def pack_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, H_kv, L, D] → [B, H_kv·groups, L, D], each key/value head repeated for its group of query heads."""
+    """[B, H_kv, L, D] → [B, H_kv·groups, L, D], each key/value head repeated for its group of query heads (a copy
+    of the keys and values: only where no kernel takes the groups as they are)."""
     if groups == 1:
         return x
     b, h, n, d = x.shape
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
+# torch ≥ 2.5: SDPA takes key/value heads shared by groups of query heads as they are (``enable_gqa``), with the
+# numbers of the repeated heads (each output row is computed as with its key/value head repeated).
+SDPA_TAKES_GROUPS = torch.__version__ >= (2, 5)
+
+
+def _fold_groups(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q [B, H, Lq, D] → [B, H_kv, groups·Lq, D] (a view): the queries of each key/value head's group side by side,
+    so that one head of keys and values serves them all without being repeated."""
+    b, h, lq, d = q.shape
+    return q.reshape(b, kv_heads, (h // kv_heads) * lq, d)
+
+
+def _grouped_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  allowed: torch.Tensor | None) -> torch.Tensor:
+    """Explicit causal softmax(QKᵀ)V with the softmax in fp32 (transformers' eager attention), the query groups
+    folded onto their key/value head; ``allowed`` [Lq, Lk]: the causal mask (None: every key)."""
+    b, h, lq, d = q.shape
+    groups = h // k.shape[1]
+    scores = (_fold_groups(q, k.shape[1]) @ k.transpose(-2, -1)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.repeat(groups, 1), torch.finfo(scores.dtype).min)
+    out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    return out.reshape(b, h, lq, d)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal grouped-query attention. q: [B, H, Lq, D]; k, v: [B, H_kv, Lk, D] with H a multiple of H_kv and
     Lk ≥ Lq; query i sits at key position Lk − Lq + i (the last Lq positions, as after a KV cache) → [B, H, Lq, D].
+
+    Keys and values are read where they are (e.g. the filled prefix of a KV cache): no kernel copies them per call,
+    unless SDPA is older than torch 2.5 and Lq > 1 (a prompt pass: once per prompt, not per generated token).
     """
     if _use_flash(q):  # flash-attn aligns the causal mask bottom-right and takes grouped heads as they are
         out = _flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                                      causal=True)
         return out.transpose(1, 2)
     groups = q.shape[1] // k.shape[1]
-    q, k, v = q.contiguous(), repeat_kv(k, groups).contiguous(), repeat_kv(v, groups).contiguous()
+    q = q.contiguous()  # the new positions' queries only
     lq, lk = q.shape[2], k.shape[2]
     mask = None
     if lq > 1 and lq != lk:
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
     if _current.get().name == "math":
-        scores = (q @ k.transpose(-2, -1)) * scale
-        if lq > 1:
-            allowed = mask if mask is not None else torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=mask is None and lq > 1)
+        allowed = mask if mask is not None or lq == 1 else torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        return _grouped_math(q, k, v, scale, allowed)
+    is_causal = mask is None and lq > 1
+    if groups == 1 or SDPA_TAKES_GROUPS:
+        grouped = {"enable_gqa": True} if groups > 1 else {}
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal, **grouped)
+    if lq == 1:  # one new position attends to every key: its group's queries are rows of one head
+        out = F.scaled_dot_product_attention(_fold_groups(q, k.shape[1]), k, v, scale=scale)
+        return out.reshape(q.shape)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=scale,
+                                          is_causal=is_causal)
 
 
 def attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -119,15 +119,27 @@ def sampling_memory(hidden: int, mlp_ratio: float, heads: int, batch: int, text_
     return block + attention + kept + rope + RESERVE
 
 
+def llm_token_memory(llm_hidden: int, llm_intermediate: int, llm_vocab: int, nbytes: int) -> int:
+    """What a pass of the LLM allocates besides its layers' activations and the KV cache, at every generated token
+    and in the prompt pass alike: the last position's logits, in the compute dtype and as the fp32 copy the choice
+    of the token reads (``ovis_u1.llm.generate``), and one weight matrix in the compute dtype, the largest (the
+    MLP's) — the copy a layer's cast makes of a matrix stored in fp8, or of one ComfyUI streams from the offload
+    device. Never the token table: it keeps the compute dtype (``ovis_u1.model.FP8_TOKEN_TABLE``), so neither the
+    lookup nor the tied LM head converts it; and the keys and values are read in the cache, not copied
+    (``ovis_u1.attention.causal_attention``)."""
+    return llm_vocab * (nbytes + 4) + llm_hidden * llm_intermediate * nbytes
+
+
 def understand_memory(llm_layers: int, llm_hidden: int, llm_intermediate: int, llm_heads: int, llm_kv_heads: int,
                       llm_head_dim: int, vit_hidden: int, vit_intermediate: int, vit_heads: int, vit_vocab: int,
                       image_patches: list[int], visual_tokens: int, prompt_tokens: int, max_new_tokens: int,
-                      nbytes: int, scores: str = SCORES_FULL) -> int:
+                      nbytes: int, scores: str = SCORES_FULL, *, llm_vocab: int) -> int:
     """Understand: the visual encoder over every image's patches (one pass) and its tokenizer head, then the LLM
     over the prompt (text + ``visual_tokens``) and ``max_new_tokens`` single-token steps.
 
     The KV cache is allocated once for prompt + new tokens (``ovis_u1.llm.KVCache``) and is alive with the prompt
-    pass; the visual encoder's activations are gone by then.
+    pass; the visual encoder's activations are gone by then. A single-token step holds less than the prompt pass
+    (one position's activations) plus the same :func:`llm_token_memory`.
     """
     patches = sum(image_patches)
     vit = 0
@@ -138,6 +150,7 @@ def understand_memory(llm_layers: int, llm_hidden: int, llm_intermediate: int, l
     cache = llm_layers * 2 * llm_kv_heads * llm_head_dim * (prompt_tokens + max_new_tokens) * nbytes
     prompt = transformer_block_memory(prompt_tokens, llm_hidden, 2 * llm_intermediate, llm_heads, nbytes)
     prompt += attention_scores_memory(scores, 1, llm_heads, prompt_tokens, prompt_tokens, max(nbytes, 4))
+    prompt += llm_token_memory(llm_hidden, llm_intermediate, llm_vocab, nbytes)
     return max(vit, prompt + cache) + RESERVE
 
 
@@ -179,6 +192,7 @@ def understand_request_memory(params, images, text: str, max_new_tokens: int, nb
         llm.num_hidden_layers, llm.hidden_size, llm.intermediate_size, llm.num_attention_heads,
         llm.num_key_value_heads, llm.head_dim, v.hidden_size, v.intermediate_size, v.num_heads, v.vocab_size,
         patches, visual, prompt, int(max_new_tokens), nbytes, scores=pack_kernel_scores(attention),
+        llm_vocab=llm.vocab_size,
     )
 
 

@@ -133,20 +133,24 @@ class VisualGenerator(nn.Module):
 
 
 class OvisU1(nn.Module):
-    """The whole model. ``operations``: the layer namespace every part is built from (default ``torch.nn``; the
+    """The whole model. ``operations``: the layer namespace the parts are built from (default ``torch.nn``; the
     ComfyUI bridge passes ComfyUI's operations, fp8 storage the pack's :class:`ovis_u1.operations.manual_cast`);
+    ``encoder_operations``: the namespace of the encoder parts — LLM, visual encoder, visual embedding table — where
+    it differs (None: ``operations``; the ComfyUI bridge passes one without ComfyUI's fp8 matmul: see
+    :data:`FP8_KEPT_OUT`);
     ``mmdit_class``: the MMDiT's class (a host's subclass that adds its own call convention)."""
 
     def __init__(self, params: OvisU1Params, tokenizer=None, attention: str = "auto", operations=nn,
-                 mmdit_class: type[MMDiT] = MMDiT):
+                 mmdit_class: type[MMDiT] = MMDiT, encoder_operations=None):
         super().__init__()
+        encoder_operations = operations if encoder_operations is None else encoder_operations
         self.params = params
         self.tokenizer = tokenizer
         self.attention = attention_kernels.kernel(attention)
-        self.cast_weights = cast_weights_of(operations)  # reads the visual embedding table outside its forward
-        self.llm = build_llm(params.llm_config, attention, operations)
-        self.visual_tokenizer = VisualTokenizer(params.vision, operations=operations)
-        self.vte = operations.Embedding(params.vision.vocab_size, params.hidden_size)
+        self.cast_weights = cast_weights_of(encoder_operations)  # reads the visual embedding table outside its forward
+        self.llm = build_llm(params.llm_config, attention, encoder_operations)
+        self.visual_tokenizer = VisualTokenizer(params.vision, operations=encoder_operations)
+        self.vte = encoder_operations.Embedding(params.vision.vocab_size, params.hidden_size)
         self.visual_generator = VisualGenerator(params, operations=operations, mmdit_class=mmdit_class)
 
     # ----------------------------------------------------------------------------------------------- parts
@@ -494,12 +498,28 @@ FP8_PARTS = ("llm.", "visual_tokenizer.", "vte.", "visual_generator.backbone.") 
 # txt_in.input_embedder is kept out for its input rather than a measured cost: it multiplies the LLM's un-normalised
 # last-layer input (half of the condition), whose outlier channels can exceed ±448 on real weights; on the random test
 # weights nothing reaches the clamp (every Linear input |x| ≤ 15 on the tiny model, the condition ≤ 9 on the mid one).
+#
+# The encoder parts (LLM, visual encoder, visual embedding table) never take that fp8 matmul: a host builds them from
+# a namespace without it (``encoder_operations`` of :func:`load_model`; ComfyUI builds its own text encoders with
+# the plain manual cast, comfy/sd1_clip.py), fp8 *storage* stays available to them. Their inputs are what the clamp
+# would cut: LLMs of this family carry activation outliers in the thousands (the MLP's down_proj inputs) and the
+# visual head multiplies an un-normalised input — the case ``txt_in.input_embedder`` is kept out for (above).
 FP8_KEPT_OUT: tuple[str, ...] = tuple(
     f"visual_generator.backbone.{name}.weight"
     for name in ("txt_in.input_embedder", "txt_in.c_embedder.linear_1", "txt_in.c_embedder.linear_2",
                  "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
                  "final_layer.linear")
 )
+
+
+# The LLM's token table keeps the compute dtype under fp8 storage. Every generated token reads it twice: the row of
+# the next input, and all of it as the tied LM head. Stored in fp8 it would be converted in full for both at every
+# token: ComfyUI's cast Embedding converts its whole weight to look up one row (comfy/ops.py,
+# disable_weight_init.Embedding.forward_comfy_cast_weights), and the head's cast converts the whole table — the real
+# model's 151936 × 2048, 622 MB in bf16, twice per token. In the compute dtype the lookup and the head convert
+# nothing; the table costs its size once more than in fp8 (311 MB of the real model, resident) and the peak of a
+# token is lower than with an fp8 table and its converted copy (README, "Memory and speed").
+FP8_TOKEN_TABLE = "llm.model.embed_tokens.weight"
 
 
 def architecture_shapes(params: OvisU1Params) -> dict[str, tuple[int, ...]]:
@@ -521,7 +541,8 @@ def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None)
     Biases, norm weights and free parameters (positional table, cls token) keep the compute dtype: they are a
     negligible share of the bytes and the values most sensitive to rounding. Layers that cannot cast (plain
     torch.nn) are left alone, so fp8 never reaches a layer that would multiply in fp8. The matrices of
-    :data:`FP8_KEPT_OUT` keep the compute dtype too (their inputs do not survive ComfyUI's fp8 matmul).
+    :data:`FP8_KEPT_OUT` keep the compute dtype too (their inputs do not survive ComfyUI's fp8 matmul), and so does
+    the LLM's token table (:data:`FP8_TOKEN_TABLE`: read whole at every generated token).
     """
     keys = set()
     for name, module in model.named_modules():
@@ -533,9 +554,23 @@ def fp8_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None)
         else:
             weight = getattr(module, "weight", None)
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
-        if shape is not None and len(shape) >= 2 and key.startswith(FP8_PARTS) and key not in FP8_KEPT_OUT:
+        if (shape is not None and len(shape) >= 2 and key.startswith(FP8_PARTS) and key not in FP8_KEPT_OUT
+                and key != FP8_TOKEN_TABLE):
             keys.add(key)
     return keys
+
+
+def _operations_for(weight_dtype: torch.dtype | None, operations, name: str):
+    """The namespace ``operations`` (None: ``torch.nn``, the pack's manual cast under fp8 storage), refused where it
+    cannot hold fp8 weights."""
+    if operations is None:
+        return manual_cast if weight_dtype is not None else nn
+    if weight_dtype is not None and operations is nn:
+        raise OvisU1InputError(
+            f"weight_dtype {weight_dtype} needs layers that cast their weights (torch.nn layers cannot compute "
+            f"with fp8 weights): leave {name} unset (the pack's manual cast is used) or pass a manual-cast one"
+        )
+    return operations
 
 
 def load_model(
@@ -547,6 +582,7 @@ def load_model(
     weight_dtype: torch.dtype | str | None = None,
     mmdit_class: type[MMDiT] = MMDiT,
     mark_file_slice: MarkFileSlice | None = None,
+    encoder_operations=None,
 ) -> OvisU1:
     """Load an Ovis-U1 checkpoint folder (Hugging Face layout). The VAE is kept in fp32 (the official decode runs
     in fp32 on CUDA); everything else computes in ``dtype`` (default bf16 where supported, else fp32).
@@ -554,16 +590,14 @@ def load_model(
     ``weight_dtype`` (None/"default", torch.float8_e4m3fn/"fp8_e4m3fn", torch.float8_e5m2/"fp8_e5m2") stores the
     weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see :func:`fp8_keys`); compute stays
     in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``, or the pack's manual cast when
-    ``weight_dtype`` is set). ``mark_file_slice`` is handed to :func:`ovis_u1.checkpoint.load_weights`.
+    ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and visual embedding table's where
+    it differs (None: ``operations``; see :class:`OvisU1`). ``mark_file_slice`` is handed to
+    :func:`ovis_u1.checkpoint.load_weights`.
     """
     weight_dtype = parse_weight_dtype(weight_dtype)
-    if operations is None:
-        operations = manual_cast if weight_dtype is not None else nn
-    elif weight_dtype is not None and operations is nn:
-        raise OvisU1InputError(
-            f"weight_dtype {weight_dtype} needs layers that cast their weights (torch.nn layers cannot compute "
-            "with fp8 weights): leave operations unset (the pack's manual cast is used) or pass a manual-cast one"
-        )
+    operations = _operations_for(weight_dtype, operations, "operations")
+    if encoder_operations is not None:
+        encoder_operations = _operations_for(weight_dtype, encoder_operations, "encoder_operations")
     directory = check_directory(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -573,7 +607,7 @@ def load_model(
     with reading_ahead(directory):  # the disk reads while the model is built
         with torch.device("meta"):
             model = OvisU1(params, tokenizer=tokenizer, attention=attention, operations=operations,
-                           mmdit_class=mmdit_class)
+                           mmdit_class=mmdit_class, encoder_operations=encoder_operations)
         shapes = architecture_shapes(params)
         stored_in_fp8 = fp8_keys(model, shapes) if weight_dtype is not None else set()
 

@@ -56,6 +56,23 @@ def peak_bytes(fn) -> int:
     return mode.peak
 
 
+def last_token_peak(llm, embeds: torch.Tensor, new_tokens: int = 3) -> int:
+    """Peak bytes of the last generated token's step of ``ovis_u1.llm.generate`` (greedy, no end-of-sequence stop):
+    from the report of the token before it to its own, its input's lookup, every layer, the LM head and the choice."""
+    from ovis_u1.llm import generate
+
+    mode = StoragePeak()
+
+    def on_token(i: int, n: int) -> None:
+        if i == n - 1:
+            mode.__enter__()
+        elif i == n:
+            mode.__exit__(None, None, None)
+
+    generate(llm, embeds, None, new_tokens, on_token=on_token)
+    return mode.peak
+
+
 def test_peak_counter_counts_what_is_alive_at_once():
     def work():
         a = torch.empty(1000, 1000)
@@ -168,7 +185,7 @@ def test_sampling_estimate_grows_with_text_context_and_rows():
 def full_size_understand(images: list[int], prompt: int, new_tokens: int) -> int:
     visual = sum(p // 4 for p in images)
     return estimates.understand_memory(28, 2048, 6144, 16, 8, 128, 1024, 2816, 8, 65536, images, visual,
-                                       prompt + visual, new_tokens, 2, scores="none")
+                                       prompt + visual, new_tokens, 2, scores="none", llm_vocab=151936)
 
 
 def test_understand_estimate_follows_images_and_new_tokens():
@@ -178,6 +195,27 @@ def test_understand_estimate_follows_images_and_new_tokens():
     one = full_size_understand([5184], 100, 1024)
     two = full_size_understand([5184, 5184], 100, 1024)
     assert text_only < one < two
+
+
+@pytest.mark.parametrize("weight_dtype", [None, "fp8_e4m3fn"])
+def test_a_generated_token_allocates_what_the_estimate_counts(weight_dtype):
+    """One token's step holds one position's activations and :func:`estimates.llm_token_memory`: its logits and one
+    weight matrix cast to the compute dtype — never the token table (fp8 storage leaves it in the compute dtype, so
+    neither the lookup nor the tied LM head converts it)."""
+    import ovis_u1
+    from ovis_u1.llm import qwen3_params
+    from tests.golden import CHECKPOINT
+
+    model = ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.bfloat16, weight_dtype=weight_dtype)
+    p = qwen3_params(model.params.llm_config)
+    table = model.llm.get_input_embeddings()
+    with torch.inference_mode():
+        embeds = table(torch.arange(12))
+    measured = last_token_peak(model.llm, embeds)
+    estimate = (estimates.transformer_block_memory(1, p.hidden_size, 2 * p.intermediate_size, p.num_attention_heads, 2)
+                + estimates.llm_token_memory(p.hidden_size, p.intermediate_size, p.vocab_size, 2))
+    assert measured <= estimate, (measured, estimate)
+    assert table.weight.nelement() * 2 > estimate  # a converted table would not fit
 
 
 def test_generation_allocates_its_kv_cache_once(monkeypatch):

@@ -83,6 +83,24 @@ def test_the_kept_out_matrices_stay_in_the_compute_dtype():
 
 
 @requires_golden
+def test_the_encoder_parts_are_built_from_their_own_operations():
+    """A host's namespace with the fp8 matmul (here the emulated ``--fast`` one) builds the MMDiT; the LLM, the visual
+    encoder and the visual embedding table come from ``encoder_operations`` (here the pack's manual cast), as the
+    ComfyUI bridge builds them: their inputs never pass through the fp8 matmul, their fp8 storage stays."""
+    from ovis_u1.operations import manual_cast
+
+    fast = fast_fp8_operations()
+    model = ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn",
+                               operations=fast, encoder_operations=manual_cast)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears
+    for name, layer in linears.items():
+        assert isinstance(layer, fast.Linear) == name.startswith("visual_generator."), name
+    stored = {k for k, v in model.state_dict().items() if v.dtype == torch.float8_e4m3fn}
+    assert stored == fp8_keys(model) and any(k.startswith("llm.") for k in stored)
+
+
+@requires_golden
 def test_keeping_them_out_brings_the_fast_path_closer_to_bf16():
     size, steps = 256, 4  # the README's measurement (bench/bench_memory.py --quality)
     reference = run_t2i(ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.bfloat16), size, steps)

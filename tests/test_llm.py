@@ -12,6 +12,7 @@ from torch import nn
 
 from ovis_u1 import attention as attn
 from ovis_u1.llm import RMSNorm, TiedLMHead, build_llm, condition_states, generate, qwen3_params
+from tests.golden import CHECKPOINT, requires_golden
 
 TINY = {
     "model_type": "qwen3", "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
@@ -109,6 +110,64 @@ def test_attention_backends_agree(pair, backend):
         with attn.using(backend):
             other, _ = ours.model(e)
     torch.testing.assert_close(other, base, **FP32)
+
+
+@pytest.mark.parametrize("backend, sdpa_takes_groups", [("sdpa", True), ("sdpa", False), ("math", True)],
+                         ids=["sdpa", "sdpa-before-torch-2.5", "math"])
+def test_a_generated_token_copies_no_kv_prefix(monkeypatch, backend, sdpa_takes_groups):
+    """The keys and values of a step are read in the KV cache: what a generated token allocates grows with the
+    prefix only by the attention scores its kernel holds (none for SDPA); repeating the grouped key/value heads
+    copied the whole prefix in every layer, at every token."""
+    from ovis_u1 import estimates
+    from tests.test_estimates import last_token_peak
+
+    monkeypatch.setattr(attn, "SDPA_TAKES_GROUPS", sdpa_takes_groups, raising=False)
+    torch.manual_seed(0)
+    llm = build_llm(TINY).eval()
+    assert TINY["num_key_value_heads"] < TINY["num_attention_heads"]
+    with attn.using(backend):
+        short, long = (last_token_peak(llm, embeds_of(n)[0]) for n in (8, 200))
+    scores = estimates.attention_scores_memory(estimates.pack_kernel_scores(backend), 1,
+                                               TINY["num_attention_heads"], 1, 200 - 8, 4)
+    assert long - short <= scores, (f"a token of a 200-position prefix allocates {long} bytes, of an 8-position "
+                                    f"one {short}")
+
+
+@requires_golden
+def test_a_generated_token_converts_no_table():
+    """With fp8 storage a generated token's step converts weights one layer at a time and never the token table:
+    neither to look up the next input's row nor as the tied LM head (the tiny model's table is larger in the compute
+    dtype than everything else a step holds at once)."""
+    import ovis_u1
+    from tests.test_estimates import last_token_peak
+
+    model = ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn")
+    table = model.llm.get_input_embeddings()
+    assert model.llm.params.tie_word_embeddings
+    with torch.inference_mode():
+        embeds = table(torch.arange(12))
+    peak = last_token_peak(model.llm, embeds)
+    table_bytes = table.weight.nelement() * torch.bfloat16.itemsize
+    assert peak < table_bytes, f"a generated token holds {peak} bytes at once, the table is {table_bytes} in bf16"
+
+
+def test_grouped_heads_give_the_numbers_of_repeated_heads(monkeypatch):
+    """SDPA with grouped heads computes what it computes on repeated heads (transformers' sdpa attention), bit for
+    bit; without ``enable_gqa`` (torch < 2.5) and on the math kernel the same attention to rounding."""
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 1, 2, 40, 16, generator=g)  # [k/v, B, H_kv, capacity, D], a cache filled to 30
+    k, v = cache[0, :, :, :30], cache[1, :, :, :30]
+    for lq in (1, 30, 4):
+        q = torch.randn(1, 4, lq, 16, generator=g)
+        mask = torch.ones(lq, 30, dtype=torch.bool).tril(30 - lq)
+        repeated = torch.nn.functional.scaled_dot_product_attention(
+            q, attn.repeat_kv(k, 2), attn.repeat_kv(v, 2), attn_mask=mask, scale=0.25)
+        assert torch.equal(attn.causal_attention(q, k, v, 0.25), repeated)
+        with attn.using("math"):
+            torch.testing.assert_close(attn.causal_attention(q, k, v, 0.25), repeated, **FP32)
+        monkeypatch.setattr(attn, "SDPA_TAKES_GROUPS", False)
+        torch.testing.assert_close(attn.causal_attention(q, k, v, 0.25), repeated, **FP32)
+        monkeypatch.undo()
 
 
 def test_bf16_is_finite(pair):

@@ -5,7 +5,9 @@ flags (``--use-pytorch-cross-attention``, ``--use-sage-attention``, ``--use-flas
 otherwise), wrapped so that an ``optimized_attention_override`` in ``transformer_options`` (attention-override
 patches on a MODEL) replaces it. :func:`comfy_kernel` hands that function to the library for its bidirectional
 attentions (visual encoder, token refiner, MMDiT); the causal LLM and the VAE keep the pack's own SDPA, as core's
-VAEs keep pytorch attention. The function is looked up at call time, so a pack that swaps it later is honoured.
+VAEs keep pytorch attention. The LLM's grouped key/value heads reach SDPA as they are (``enable_gqa``, as core's Qwen3
+hands them to ``attention_pytorch``), read in the KV cache without a copy per token. The function is looked up at
+call time, so a pack that swaps it later is honoured.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attenti
     kwargs = {}
     if IN_COMFYUI:
         kwargs["operations"] = comfy_operations(dtype, weight_dtype)
+        kwargs["encoder_operations"] = comfy_operations(dtype, weight_dtype, fp8_matmul=False)
         kwargs["mmdit_class"] = OvisU1MMDiT
         kwargs["mark_file_slice"] = file_slices.marker()  # Dynamic VRAM reads the weights from their file
     if weight_dtype is not None:

@@ -43,13 +43,17 @@ def patcher_class(disable_dynamic: bool = False):
     return getattr(patchers, "CoreModelPatcher", patchers.ModelPatcher)
 
 
-def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None):
+def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None, fp8_matmul: bool = True):
     """ComfyUI's operations for weights stored in ``weight_dtype`` (None: the compute dtype) and computed in
     ``compute_dtype`` — the call ``comfy.model_base.BaseModel`` makes for its own diffusion models — with the two
-    casts the library reads weights through outside a layer's own forward (see ``ovis_u1.operations``)."""
+    casts the library reads weights through outside a layer's own forward (see ``ovis_u1.operations``).
+
+    ``fp8_matmul=False`` refuses ComfyUI's fp8 matmul (``comfy.ops.fp8_ops``, which ``pick_operations`` gives for
+    ``--fast`` on a GPU that computes in fp8; ``disable_fast_fp8``): the namespace of the encoder parts, which core
+    builds for its own text encoders with the plain manual cast (comfy/sd1_clip.py); fp8 storage stays as asked."""
     storage = _TORCH_WEIGHT_DTYPES.get(weight_dtype, compute_dtype) if weight_dtype else compute_dtype
     manual_cast = None if storage == compute_dtype else compute_dtype
-    ops = comfy.ops.pick_operations(storage, manual_cast, load_device=load_device())
+    ops = comfy.ops.pick_operations(storage, manual_cast, load_device=load_device(), disable_fast_fp8=not fp8_matmul)
 
     class Operations(ops):
         class Embedding(ops.Embedding):
