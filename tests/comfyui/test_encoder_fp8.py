@@ -19,10 +19,14 @@ import sys
 import pytest
 import torch
 
-from tests.comfyui.test_memory import load, pack, ready, run_part  # noqa: F401  (pack: the in-process fixture)
+from tests.comfyui.test_memory import COMFYUI_PATH, load, pack, ready, run_part  # noqa: F401  (pack: the fixture)
 from tests.golden import requires_golden
 
-pytestmark = requires_golden
+pytestmark = [
+    requires_golden,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="in-ComfyUI tests need COMFYUI_PATH=/path/to/ComfyUI and a Python "
+                                               "with ComfyUI's requirements"),
+]
 
 ENCODER_PARTS = ("llm.", "visual_tokenizer.", "vte")
 
