@@ -57,7 +57,7 @@ def load(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: s
         return OvisU1Encoder(ovis, attention, name, dtype), None, None
     outputs = tuple(make_part(ovis, part, dtype, attention, name) for part in PARTS)
     for part, output in zip(PARTS, outputs):
-        patcher_of(output).cached_patcher_init = (load_patcher, (path, dtype, weight_dtype, attention, part))
+        make_rebuildable(patcher_of(output), path, dtype, weight_dtype, attention, part)
     return outputs
 
 
@@ -67,6 +67,11 @@ def load_patcher(path, dtype: torch.dtype, weight_dtype: str | None, attention: 
     ``cached_patcher_init`` factory of the three patchers. ``disable_dynamic``: a plain ``ModelPatcher``."""
     ovis = load_ovis(path, dtype, weight_dtype=weight_dtype, attention=attention)
     patcher = patcher_of(make_part(ovis, part, dtype, attention, disable_dynamic=disable_dynamic))
+    return make_rebuildable(patcher, path, dtype, weight_dtype, attention, part)
+
+
+def make_rebuildable(patcher, path, dtype: torch.dtype, weight_dtype: str | None, attention: str, part: str):
+    """``patcher`` with ComfyUI's ``cached_patcher_init``: ``load_patcher`` and the arguments that load it again."""
     patcher.cached_patcher_init = (load_patcher, (path, dtype, weight_dtype, attention, part))
     return patcher
 
