@@ -14,7 +14,8 @@ test_multi_img_to_txt.py, test_txt_to_img.py, test_img_edit.py. "official modeli
 such a file and the class/function in it.
 """
 
-from .checkpoint import CheckpointError, find_model_dirs, is_ovis_u1_dir
+from .checkpoint import find_model_dirs, is_ovis_u1_dir
+from .errors import CheckpointError
 from .model import (
     Condition,
     EditContext,

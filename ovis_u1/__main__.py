@@ -11,16 +11,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import inputs, prompts
+from .checkpoint import default_model_roots, find_model_dirs
+from .errors import CheckpointError, OvisU1InputError
+from .model import load_model
+from .smoke import build_smoke_model, is_smoke_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class UsageError(Exception):
     """A command-line problem found before any model is loaded; printed as one ``error:`` line."""
-
-from .checkpoint import default_model_roots, find_model_dirs
 
 
 def resolve_model(explicit: str | None) -> Path | None:
@@ -75,8 +83,6 @@ def check_writable_folder(folder: Path, option: str, given: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{option} {given!r}: {str(existing)!r} is a file, not a folder; choose another path")
-    import tempfile
-
     try:  # a real write: permission bits say nothing for root, nor for read-only mounts
         with tempfile.TemporaryFile(dir=existing, prefix=".ovis_u1_write_test"):
             pass
@@ -87,8 +93,6 @@ def check_writable_folder(folder: Path, option: str, given: str) -> None:
 
 def open_image(path: str, option: str = "image"):
     """Open and decode an input image now, so a wrong path fails before the model is loaded."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         image = Image.open(path)
         image.load()
@@ -109,8 +113,6 @@ def check_device(device: str | None) -> None:
     """An unavailable ``--device`` is a clear error before loading (torch would raise deep inside the load)."""
     if device is None:
         return
-    import torch
-
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
@@ -152,8 +154,6 @@ def save_image(image, path: Path) -> Path:
 
 
 def _format_of(path: Path) -> str:
-    from PIL import Image
-
     return Image.registered_extensions().get(path.suffix.lower(), "PNG")
 
 
@@ -168,10 +168,6 @@ def step_printer(label: str):
 
 
 def _load(args, path: Path):
-    import torch
-
-    from . import load_model
-
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     print(f"loading {path} ...", flush=True)
     return load_model(path, device=args.device, dtype=dtype, attention=args.attention,
@@ -179,10 +175,6 @@ def _load(args, path: Path):
 
 
 def run_demo(args) -> int:
-    from PIL import Image
-
-    from .smoke import build_smoke_model, is_smoke_model
-
     check_writable_folder(Path(args.out), "--out", args.out)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out!r} is a file; demo writes several images into a folder")
@@ -221,10 +213,6 @@ def run_demo(args) -> int:
 
 
 def run_task(args) -> int:
-    from PIL import Image
-
-    from . import inputs, prompts
-
     # Everything that can be checked without the model is checked first: a typo costs seconds, not a load.
     out = check_output_file(args.out) if args.command in ("t2i", "edit") else None
     if args.command == "t2i":
@@ -334,14 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:  # usage errors (already printed as one line) and --help
         return e.code if isinstance(e.code, int) else 2
-    from . import CheckpointError, OvisU1InputError
-
     try:
         if args.command == "demo":
             return run_demo(args)
         if args.command == "smoke-model":
-            from .smoke import build_smoke_model
-
             print(build_smoke_model(args.directory))
             return 0
         return run_task(args)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .inputs import OvisU1InputError
+from .errors import OvisU1InputError
 
 BACKENDS = ("auto", "sdpa", "flash_attn", "math")
 _flash = None  # the flash_attn module once imported, False when unavailable

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401 — re-exported: defined here first
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TIED_KEYS = ("llm.lm_head.weight",)  # tied to llm.model.embed_tokens.weight, never stored
-
-
-class CheckpointError(ValueError):
-    """The checkpoint directory cannot be used as it is; the message says what to change."""
 
 
 def is_ovis_u1_dir(directory: str | Path) -> bool:

@@ -15,6 +15,12 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from .config import qwen3_params
+from .math import image_tokens
+from .sizes import smart_resize
+
 RESERVE = 256 * 1024**2  # kernel workspaces (cuBLAS, cuDNN), allocator slack
 
 # What an attention kernel holds of the [rows, heads, queries, keys] scores (the ``scores`` argument):
@@ -43,8 +49,6 @@ SDXL_BLOCK_OUT = (128, 256, 512, 512)
 
 
 def dtype_bytes(dtype) -> int:
-    import torch
-
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -91,11 +95,6 @@ def condition_memory(llm_hidden: int, llm_intermediate: int, llm_heads: int, vit
                                    score_tokens=text_tokens, scores=scores)
     states = branches * text_tokens * 2 * llm_hidden * 4  # the kept fp32 condition of every branch
     return max(vit, llm) + states + RESERVE
-
-
-def image_tokens(width: int, height: int) -> int:
-    """MMDiT tokens of a width×height image (2×2 latent patches of 8× downscaled pixels)."""
-    return math.ceil(height / 16) * math.ceil(width / 16)
 
 
 def sampling_memory(hidden: int, mlp_ratio: float, heads: int, batch: int, text_tokens: int, width: int, height: int,
@@ -175,9 +174,6 @@ def understand_request_memory(params, images, text: str, max_new_tokens: int, nb
     """:func:`understand_memory` for one request to a model of ``params`` (``ovis_u1.config.OvisU1Params``): the
     images as the preprocessor resizes them; ``text`` (instruction + question) bounds the prompt's tokens by its
     UTF-8 bytes (no token is shorter than one byte)."""
-    from .llm import qwen3_params
-    from .preprocess import smart_resize
-
     v, pre = params.vision, params.preprocess
     factor = pre.patch_size * pre.hidden_stride
     patches = []
@@ -201,8 +197,6 @@ def condition_request_memory(params, mode: str, width: int | None, height: int |
     """:func:`condition_memory` for one Encode Condition request: the condition image is resized to the
     preprocessor's pixel budget, every branch (2 for text-to-image, 3 for an edit) carries its visual tokens plus the
     prompt."""
-    from .llm import qwen3_params
-
     pixels = params.preprocess.max_pixels
     if isinstance(width, int) and isinstance(height, int):
         pixels = min(pixels, width * height)

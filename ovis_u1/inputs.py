@@ -16,15 +16,16 @@ import math
 import numbers
 import warnings
 
+import numpy as np
 import torch
+from PIL import Image
+
+from .errors import OvisU1InputError  # noqa: F401 — re-exported: defined here first
+from .sizes import edit_target_size
 
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 4096, 16
 MAX_CFG = 100.0
 MAX_SEED = 2**64 - 1
-
-
-class OvisU1InputError(ValueError):
-    """A request the model cannot serve; the message names the input and the fix."""
 
 
 def _is_real(value) -> bool:
@@ -212,8 +213,6 @@ def check_image_area(width: int, height: int, name: str, max_pixels: int) -> Non
 
 def check_pil_image(image, name: str = "image"):
     """A PIL image whose pixels can be read; a float image ('F' mode) must be finite."""
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
         raise OvisU1InputError(
             f"{name}: expected a PIL image, got {type(image).__name__}; open files with PIL.Image.open(path)"
@@ -225,8 +224,6 @@ def check_pil_image(image, name: str = "image"):
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files fail only when decoded
         raise OvisU1InputError(f"{name} cannot be decoded ({e}); the file is truncated or corrupt — save it again") from e
     if image.mode in ("F", "I;16F") or image.mode.startswith("F"):
-        import numpy as np
-
         if not np.isfinite(np.asarray(image, dtype=np.float64)).all():
             raise OvisU1InputError(f"{name} contains NaN or infinite pixel values: replace them before using it")
     return image
@@ -236,8 +233,6 @@ def check_edit_image(image, name: str = "image") -> tuple[int, int]:
     """The edit size of ``image`` (official test_img_edit.py, pipe_img_edit), which the user cannot choose: it
     follows the image's aspect ratio at about one megapixel. Very long thin or tiny images give a size outside the
     model's range; say so before any text is encoded. Returns (width, height) of the edit."""
-    from .preprocess import edit_target_size
-
     width, height = image.size
     try:
         with warnings.catch_warnings():  # smart_resize's note about tiny sides; the error below says it better

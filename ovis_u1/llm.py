@@ -25,61 +25,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import BACKENDS, causal_attention
+from .config import Qwen3Params, qwen3_params  # noqa: F401 — re-exported: defined here first
 from .norms import RMSNorm, norm  # noqa: F401 — RMSNorm re-exported: the class of the LLM's norms
 from .operations import cast_weights_of
-
-
-# ------------------------------------------------------------------------------------------------- params
-@dataclass(frozen=True)
-class Qwen3Params:
-    """The shape-defining fields of a Qwen3 ``llm_config``; defaults are transformers' ``Qwen3Config`` defaults."""
-
-    vocab_size: int = 151936
-    hidden_size: int = 4096
-    intermediate_size: int = 22016
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    head_dim: int = 128
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    attention_bias: bool = False
-    tie_word_embeddings: bool = False
-
-    @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-
-def qwen3_params(llm_config: dict) -> Qwen3Params:
-    """Parse the checkpoint's ``llm_config``; features this Qwen3 does not implement are errors, not ignored."""
-    if llm_config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"llm_config.hidden_act {llm_config['hidden_act']!r} is not supported: Qwen3 uses 'silu'")
-    # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters {rope_type, rope_theta}
-    rope = {**(llm_config.get("rope_scaling") or {}), **(llm_config.get("rope_parameters") or {})}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"llm_config.rope_scaling / rope_parameters {rope!r} is not supported: Ovis-U1 uses plain "
-                         "RoPE (rope_scaling null)")
-    if llm_config.get("use_sliding_window"):
-        raise ValueError("llm_config.use_sliding_window is true: Ovis-U1's Qwen3 uses full causal attention; set false")
-    values = {f.name: llm_config[f.name] for f in fields(Qwen3Params) if llm_config.get(f.name) is not None}
-    if "rope_theta" in rope:
-        values.setdefault("rope_theta", rope["rope_theta"])
-    values.setdefault("num_key_value_heads", values.get("num_attention_heads", Qwen3Params.num_attention_heads))
-    params = Qwen3Params(**values)
-    if params.num_attention_heads % params.num_key_value_heads:
-        raise ValueError(
-            f"llm_config.num_attention_heads {params.num_attention_heads} is not a multiple of "
-            f"num_key_value_heads {params.num_key_value_heads}"
-        )
-    return params
 
 
 # ------------------------------------------------------------------------------------------------ modules

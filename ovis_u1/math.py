@@ -1,5 +1,5 @@
-"""Pure tensor functions: RMS normalisation (AIMv2 and the MMDiT's QK-norm), the timestep embedding and the
-3-axis rotary position embedding of the MMDiT (official modeling_aimv2.py, RMSNorm; modeling_yak.py, QKNorm,
+"""Pure tensor functions: RMS normalisation (AIMv2 and the MMDiT's QK-norm), the timestep embedding, the image-token
+grid and the 3-axis rotary position embedding of the MMDiT (official modeling_aimv2.py, RMSNorm; modeling_yak.py, QKNorm,
 timestep_embedding, EmbedND / rope / apply_rope).
 
 Nothing here holds state; the model computes the tables once per prompt/size (``MMDiT.prepare``) and reuses them
@@ -87,6 +87,18 @@ def apply_rope(xq: Tensor, xk: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         return out.reshape(*x.shape).type_as(x)
 
     return rotate(xq), rotate(xk)
+
+
+def token_grid(width: int, height: int) -> tuple[int, int]:
+    """(rows, cols) of the MMDiT's image tokens for a width×height image: 2×2 patches of the 8× downscaled latent,
+    16 pixels a side, a partial patch counting whole (official modeling_yak.py, YakModel.generate_image)."""
+    return math.ceil(height / 16), math.ceil(width / 16)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """How many MMDiT tokens a width×height image is (:func:`token_grid`'s rows × cols)."""
+    rows, cols = token_grid(width, height)
+    return rows * cols
 
 
 def grid_ids(rows: int, cols: int, axis0: float = 0.0) -> Tensor:

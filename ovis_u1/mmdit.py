@@ -19,7 +19,6 @@ Every Linear comes from the ``operations`` namespace given to :class:`MMDiT` (de
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .config import MMDiTParams
-from .math import apply_rope, embed_positions, grid_ids, rms_norm, timestep_embedding
+from .math import apply_rope, embed_positions, grid_ids, image_tokens, rms_norm, timestep_embedding, token_grid
 from .operations import cast_to_of
 from .refiner import TokenRefiner
 
@@ -282,7 +281,7 @@ class MMDiT(nn.Module):
                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """RoPE tables (pe of [text, noise (, context)], pe of the image tokens only) on ``device``: they depend on
         the shapes alone, so a caller sampling many steps (or branches of equal text length) builds them once."""
-        rows, cols = math.ceil(height / 16), math.ceil(width / 16)
+        rows, cols = token_grid(width, height)
         ids = [torch.zeros(1, txt_len, 3), grid_ids(rows, cols, 0.0)]
         if with_context:
             ids.append(grid_ids(rows, cols, 1.0))
@@ -304,7 +303,7 @@ class MMDiT(nn.Module):
         or ``context_tokens``, its ``project_context`` made earlier; positions: the ``positions`` tables made
         earlier for these shapes (built here when None).
         """
-        num_tokens = math.ceil(height / 16) * math.ceil(width / 16)
+        num_tokens = image_tokens(width, height)
         if context is not None and context_tokens is None:
             if context.shape[1] != num_tokens:
                 raise ValueError(f"context has {context.shape[1]} tokens, the {height}x{width} grid has {num_tokens}")

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import OvisU1InputError
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -130,14 +132,12 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 def parse_weight_dtype(value) -> torch.dtype | None:
     """None / "default" → None; "fp8_e4m3fn" / "fp8_e5m2" or the torch dtypes → that fp8 dtype.
 
-    Raises ``ovis_u1.model.OvisU1InputError`` naming the choices for anything else.
+    Raises ``OvisU1InputError`` naming the choices for anything else.
     """
     if value is None or value in FP8_DTYPES:
         return value
     if isinstance(value, str) and value in WEIGHT_DTYPES:
         return WEIGHT_DTYPES[value]
-    from .model import OvisU1InputError  # model imports this module; the error class lives there
-
     raise OvisU1InputError(
         f"weight_dtype {value!r} is unknown: use one of {', '.join(WEIGHT_DTYPES)} "
         "(fp8 stores the LLM, visual encoder and MMDiT weights in 8 bits; the VAE never)"

@@ -17,26 +17,19 @@ Pure functions over PIL images and tensors; no model state. The numerics follow 
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import numpy as np
 import torch
 from PIL import Image
 
 from . import resample
 from .config import PreprocessParams
-from .inputs import OvisU1InputError
+from .errors import OvisU1InputError
+from .sizes import edit_target_size, smart_resize  # noqa: F401 — re-exported: defined here first
 
 # The conditioning image is shrunk with these bounds before preprocess_image (official build_inputs: smart_resize's
 # default factor and min_pixels; max is the processor's min_pixels).
 CONDITION_FACTOR = 28
 CONDITION_MIN_PIXELS = 56 * 56
-# EDIT output size — the Qwen2-VL smart_resize defaults with factor 32 (official test_img_edit.py, pipe_img_edit).
-EDIT_FACTOR = 32
-EDIT_MIN_PIXELS = 56 * 56
-EDIT_MAX_PIXELS = 14 * 14 * 4 * 1280
-
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -80,52 +73,6 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
         return np.clip(np.rint(np.clip(values, 0, None) * (255.0 / (2 ** 31 - 1))), 0, 255).astype(np.uint8)
     return ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
-
-
-def _to_multiple(value: float, factor: int, rounding) -> int:
-    """``value`` snapped to a multiple of ``factor``: ``rounding`` (round / floor / ceil) applied to value / factor."""
-    return int(rounding(value / factor)) * factor
-
-
-def _usable_shape(height: int, width: int, factor: int) -> tuple[int, int]:
-    """The two pre-adjustments of the Ovis/Qwen2-VL resize (official Aimv2VisualTokenizer.smart_resize), each with
-    a warning: a side shorter than ``factor`` brings the short side up to ``factor`` (the long side follows in
-    proportion, rounded), else an aspect ratio above 200 has its long side cut to 200 × the short side."""
-    short, long = sorted((height, width))
-    height_is_short = height < width
-    if short < factor:
-        warnings.warn(f"smart_resize: height {height} or width {width} is smaller than factor {factor}; "
-                      f"scaling the short side up to {factor}", stacklevel=3)
-        short, long = factor, round(factor / short * long)
-    elif long / short > 200:
-        warnings.warn(f"smart_resize: aspect ratio {long / short} is above 200; clamping it to 200", stacklevel=3)
-        long = 200 * short
-    else:
-        return height, width
-    return (short, long) if height_is_short else (long, short)
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
-    """(height, width) near the input, both multiples of ``factor``, area kept within [min_pixels, max_pixels]
-    (the Qwen2-VL rule Ovis-U1 uses: official modeling_ovis_u1.py, Aimv2VisualTokenizer.smart_resize).
-
-    Each side is first rounded to the nearest multiple (Python's half-to-even ``round``). If that area is too
-    large, both sides shrink by sqrt(area / max_pixels) and are floored to multiples; if too small, they grow by
-    sqrt(min_pixels / area) and are ceiled. Float64 arithmetic in the official order, so sizes that land exactly on
-    a multiple stay where the official code puts them.
-    """
-    height, width = _usable_shape(height, width, factor)
-    sides = (height, width)
-    snapped = tuple(_to_multiple(side, factor, round) for side in sides)
-    area = snapped[0] * snapped[1]
-    if area > max_pixels:
-        shrink = math.sqrt(height * width / max_pixels)
-        snapped = tuple(_to_multiple(side / shrink, factor, math.floor) for side in sides)
-    elif area < min_pixels:
-        grow = math.sqrt(min_pixels / (height * width))
-        snapped = tuple(_to_multiple(side * grow, factor, math.ceil) for side in sides)
-    return snapped
 
 
 def patchify(image_chw: np.ndarray | torch.Tensor, params: PreprocessParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,14 +203,6 @@ def white_canvas(width: int, height: int) -> Image.Image:
     """The RGB(255, 255, 255) image used as the T2I input and the EDIT ``no_both`` input (official
     load_blank_image of test_txt_to_img.py / test_img_edit.py)."""
     return Image.new("RGB", (width, height), (255, 255, 255))
-
-
-def edit_target_size(width: int, height: int) -> tuple[int, int]:
-    """EDIT output size (W, H) for an input of width×height (official test_img_edit.py, pipe_img_edit):
-    smart_resize with factor 32 and the default bounds, then both sides floored to multiples of 16 (as
-    generate_image does)."""
-    h, w = smart_resize(height, width, factor=EDIT_FACTOR, min_pixels=EDIT_MIN_PIXELS, max_pixels=EDIT_MAX_PIXELS)
-    return 16 * (w // 16), 16 * (h // 16)
 
 
 def resize_for_edit(img: Image.Image) -> Image.Image:

@@ -22,7 +22,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .inputs import OvisU1InputError, check_characters
+from transformers import Qwen2TokenizerFast
+
+from .checkpoint import read_json
+from .errors import CheckpointError, OvisU1InputError
+from .inputs import check_characters
 
 IMAGE_TOKEN = "<image>"
 IMAGE_ATOM_ID = -300
@@ -69,10 +73,6 @@ def load_tokenizer(directory: str | Path, llm_vocab_size: int | None = None):
     checked and a failure names the missing files. ``llm_vocab_size`` defaults to config.json's
     ``llm_config.vocab_size``.
     """
-    from transformers import Qwen2TokenizerFast
-
-    from .checkpoint import CheckpointError
-
     directory = Path(directory)
     missing = [name for name in TOKENIZER_FILES if not (directory / name).is_file()]
 
@@ -110,8 +110,6 @@ def load_tokenizer(directory: str | Path, llm_vocab_size: int | None = None):
 def _llm_vocab_size(directory: Path) -> int | None:
     """config.json's llm_config.vocab_size; a config.json that cannot be read is a CheckpointError naming it (also
     when the tokenizer is loaded on its own), a missing or wrong value is left to load_params to report."""
-    from .checkpoint import read_json
-
     vocab_size = (read_json(directory / "config.json").get("llm_config") or {}).get("vocab_size")
     return vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
 

@@ -12,8 +12,10 @@ import math
 from typing import Callable, Sequence
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
+from .math import image_tokens, token_grid
 from .mmdit import MMDiT, Prepared
 
 # ---- schedule and noise -------------------------------------------------------------------------------------
@@ -40,11 +42,6 @@ def shift_mu(num_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) 
     return slope * num_tokens + (base_shift - slope * 256)
 
 
-def image_tokens(width: int, height: int) -> int:
-    """MMDiT tokens of a width×height image: 2×2 patches of the 8× downscaled latent."""
-    return math.ceil(height / 16) * math.ceil(width / 16)
-
-
 def flow_sigmas(mmdit_params, width: int, height: int, steps: int, timestep_shift: bool | None = None,
                 denoise: float = 1.0) -> Tensor:
     """The official schedule of a width×height image as a float32 tensor (1 → 0, steps + 1 values); the shift as
@@ -56,6 +53,9 @@ def flow_sigmas(mmdit_params, width: int, height: int, steps: int, timestep_shif
     return torch.tensor(times[-(steps + 1):], dtype=torch.float32)
 
 
+NOISE_DTYPE = torch.bfloat16  # the official get_noise draws the starting noise in bf16
+
+
 def initial_noise(seed: int, height: int, width: int, channels: int = 4) -> Tensor:
     """The official starting noise: bf16 [1, channels, 2·⌈H/16⌉, 2·⌈W/16⌉] from a seeded CPU generator.
 
@@ -63,27 +63,32 @@ def initial_noise(seed: int, height: int, width: int, channels: int = 4) -> Tens
     modeling_yak.py, YakModel.generate_image and get_noise).
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (1, channels, 2 * math.ceil(height / 16), 2 * math.ceil(width / 16))
-    return torch.randn(*shape, dtype=torch.bfloat16, generator=generator)
+    rows, cols = token_grid(width, height)
+    return torch.randn(1, channels, 2 * rows, 2 * cols, dtype=NOISE_DTYPE, generator=generator)
+
+
+def in_noise_precision(noise: Tensor) -> Tensor:
+    """``noise`` rounded to the official noise's bf16, kept in its own dtype. ComfyUI draws fp32 noise from the same
+    seeded CPU generator; for a latent's shape (4 channels × an even grid) torch's bf16 ``randn`` on the CPU is the
+    bf16 rounding of that fp32 draw, so the same seed gives the official noise."""
+    return noise.to(NOISE_DTYPE).to(noise.dtype)
 
 
 # ---- packing ------------------------------------------------------------------------------------------------
 
 
 def pack_latents(z: Tensor) -> Tensor:
-    """[B, C, 2h, 2w] → [B, h·w, C·4] with feature index c·4 + py·2 + px."""
-    b, c, hh, ww = z.shape
-    h, w = hh // 2, ww // 2
-    return z.reshape(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * 4)
+    """[B, C, 2h, 2w] → [B, h·w, C·4]: 2×2 patches in raster order, feature index c·4 + py·2 + px (the patchify of
+    ComfyUI's comfy/ldm/flux/model.py)."""
+    return rearrange(z, "b c (h py) (w px) -> b (h w) (c py px)", py=2, px=2)
 
 
 def unpack_latents(tokens: Tensor, height: int, width: int, channels: int = 4) -> Tensor:
     """[B, ⌈H/16⌉·⌈W/16⌉, channels·4] → [B, channels, 2⌈H/16⌉, 2⌈W/16⌉] (inverse of ``pack_latents``)."""
-    h, w = math.ceil(height / 16), math.ceil(width / 16)
-    b = tokens.shape[0]
-    if tokens.shape[1:] != (h * w, channels * 4):
+    rows, cols = token_grid(width, height)
+    if tokens.shape[1:] != (rows * cols, channels * 4):
         raise ValueError(f"tokens {tuple(tokens.shape)} do not fit a {height}x{width} image of {channels} channels")
-    return tokens.reshape(b, h, w, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, 2 * h, 2 * w)
+    return rearrange(tokens, "b (h w) (c py px) -> b c (h py) (w px)", h=rows, w=cols, py=2, px=2)
 
 
 # ---- classifier-free guidance -------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import TIED_KEYS
+from .config import params_from_dicts
+from .model import OvisU1
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
@@ -120,9 +122,6 @@ def _random_weight(name: str, shape: torch.Size, generator: torch.Generator) -> 
 
 def build_smoke_model(directory: str | Path, seed: int = 0) -> Path:
     """Write a complete random-weight Ovis-U1 checkpoint folder (about 2 MB) and return its path."""
-    from .config import params_from_dicts
-    from .model import OvisU1
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = smoke_config()

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .inputs import OvisU1InputError
+from .errors import OvisU1InputError
 
 PIXELS_PER_VISUAL_TOKEN = 28 * 28  # patch 14 × hidden_stride 2, squared
 

@@ -40,6 +40,8 @@ __all__ = [
     "AutoencoderKL",
     "legacy_vae_key",
     "latent_to_vae",
+    "scale_latent",
+    "unscale_latent",
     "vae_to_latent",
     "to_uint8_image",
 ]
@@ -325,20 +327,26 @@ def _vae_params(params) -> VAEParams:
 
 
 def vae_to_latent(z: torch.Tensor, params) -> torch.Tensor:
-    """VAE space → diffusion latent: (z − shift) · scale (shift only when shift_factor is set)."""
+    """VAE space → diffusion latent with the checkpoint's factors (:func:`scale_latent`)."""
     p = _vae_params(params)
-    if p.shift_factor is not None:
-        z = z - p.shift_factor
-    return z * p.scaling_factor
+    return scale_latent(z, p.scaling_factor, p.shift_factor)
 
 
 def latent_to_vae(latent: torch.Tensor, params) -> torch.Tensor:
-    """Diffusion latent → VAE space: latent / scale + shift."""
+    """Diffusion latent → VAE space with the checkpoint's factors (:func:`unscale_latent`)."""
     p = _vae_params(params)
-    z = latent / p.scaling_factor
-    if p.shift_factor is not None:
-        z = z + p.shift_factor
-    return z
+    return unscale_latent(latent, p.scaling_factor, p.shift_factor)
+
+
+def scale_latent(z: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """VAE space → diffusion latent: (z − shift) · scale (shift only when shift_factor is set)."""
+    return (z if shift_factor is None else z - shift_factor) * scaling_factor
+
+
+def unscale_latent(latent: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """Diffusion latent → VAE space: latent / scale + shift (the inverse of :func:`scale_latent`)."""
+    z = latent / scaling_factor
+    return z if shift_factor is None else z + shift_factor
 
 
 def to_uint8_image(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def cwd(tmp_path, monkeypatch):
 @pytest.fixture
 def no_load(monkeypatch):
     """The checks must fail before any model is loaded."""
-    monkeypatch.setattr(ovis_u1, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
 
 
 def one_error_line(capsys, *names: str) -> str:

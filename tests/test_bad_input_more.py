@@ -403,12 +403,12 @@ def test_a_lone_surrogate_in_text_is_named(model, monkeypatch, entry, call, name
 
 def test_a_lone_surrogate_on_the_command_line(tmp_path, monkeypatch, capsys):
     """Python turns argument bytes that are not UTF-8 into lone surrogates (surrogateescape)."""
-    from ovis_u1.__main__ import main
+    import ovis_u1.__main__ as cli
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ovis_u1, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
     argv = ["t2i", b"a cat \xff".decode("utf-8", "surrogateescape"), "--model", str(CHECKPOINT), "--device", "cpu"]
-    assert main(argv) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: prompt") and "U+DCFF" in err and "Traceback" not in err
 

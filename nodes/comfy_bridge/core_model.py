@@ -32,7 +32,8 @@ import comfy.supported_models_base
 
 from ...ovis_u1 import OvisU1InputError, attention, estimates
 from ...ovis_u1.mmdit import MMDiT
-from ...ovis_u1.sampling import image_tokens, pack_latents, shift_mu, unpack_latents
+from ...ovis_u1.sampling import image_tokens, in_noise_precision, pack_latents, shift_mu, unpack_latents
+from ...ovis_u1.vae import scale_latent, unscale_latent
 
 from .host import load_device, offload_device
 from .attention import comfy_kernel, is_comfy
@@ -53,20 +54,15 @@ class OvisU1LatentFormat(comfy.latent_formats.SDXL):
         self.shift_factor = shift_factor
 
     def process_in(self, latent):
-        if self.shift_factor is not None:
-            latent = latent - self.shift_factor
-        return latent * self.scale_factor
+        return scale_latent(latent, self.scale_factor, self.shift_factor)
 
     def process_out(self, latent):
-        latent = latent / self.scale_factor
-        return latent if self.shift_factor is None else latent + self.shift_factor
+        return unscale_latent(latent, self.scale_factor, self.shift_factor)
 
 
 class OvisU1ModelSampling(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
     def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-        # The official noise is torch.randn(..., dtype=bfloat16) from a seeded CPU generator: the bf16 rounding of
-        # the fp32 draw ComfyUI makes with the same generator.
-        return super().noise_scaling(sigma, noise.to(torch.bfloat16).to(noise.dtype), latent_image, max_denoise)
+        return super().noise_scaling(sigma, in_noise_precision(noise), latent_image, max_denoise)
 
 
 class OvisU1ModelConfig(comfy.supported_models_base.BASE):
