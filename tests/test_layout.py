@@ -73,7 +73,9 @@ def test_everything_imports_without_comfyui_or_flash_attn():
 
 
 # ----------------------------------------------------------------------------------- the pack's own imports
-PACK_SOURCES = [ROOT / "__init__.py", *sorted((ROOT / "nodes").rglob("*.py"))]
+PACK_SOURCES = [ROOT / "__init__.py", *sorted((ROOT / "nodes").rglob("*.py")), *sorted((ROOT / "ovis_u1").rglob("*.py"))]
+# Third-party packages the library may import inside a function: optional ones, absent from most installs.
+OPTIONAL_PACKAGES = {"flash_attn", "gguf"}
 
 
 def module_name(path: Path) -> str:
@@ -82,6 +84,9 @@ def module_name(path: Path) -> str:
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
+
+
+PACK_MODULES = {module_name(p) for p in PACK_SOURCES}
 
 
 def is_package(path: Path) -> bool:
@@ -101,14 +106,19 @@ def module_level(tree: ast.Module):
                 todo.extend(handler.body)
 
 
-def pack_imports(path: Path, at_import: bool = False) -> set[str]:
+def later_imports(tree: ast.Module):
+    """The import statements inside functions and classes: those that run later than the module's import."""
+    at_import = set(map(id, module_level(tree)))
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in at_import]
+
+
+def pack_imports(path: Path, at_import: bool = False) -> dict[str, int]:
     """The pack's own modules (nodes.*, the root package '' and ovis_u1.*) that ``path`` imports by relative
-    imports (``at_import``: only those made when the module is imported); ``from . import name`` counts as the
-    submodule ``name`` where there is one, else as the package."""
-    modules = {module_name(p) for p in PACK_SOURCES}
+    imports (``at_import``: only those made when the module is imported), each with the line of its first import;
+    ``from . import name`` counts as the submodule ``name`` where there is one, else as the package."""
     own = module_name(path).split(".") if module_name(path) else []
     package = own if is_package(path) else own[:-1]
-    found = set()
+    found: dict[str, int] = {}
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in module_level(tree) if at_import else ast.walk(tree):
         if not isinstance(node, ast.ImportFrom) or node.level == 0:
@@ -118,7 +128,8 @@ def pack_imports(path: Path, at_import: bool = False) -> set[str]:
         target = ".".join([*base, *(node.module.split(".") if node.module else [])])
         for alias in node.names:
             sub = f"{target}.{alias.name}" if target else alias.name
-            found.add(sub if sub in modules else target)
+            module = sub if sub in PACK_MODULES else target
+            found[module] = min(found.get(module, node.lineno), node.lineno)
     return found
 
 
@@ -142,22 +153,28 @@ def test_the_pack_never_touches_sys_path():
         assert not roots & {"nodes", "ovis_u1"}, f"{path.relative_to(ROOT)}: absolute import of the pack's own modules"
 
 
-def test_node_imports_form_no_cycle():
-    """No import cycle among the pack's modules when they are imported. A module importing a name from its own
-    package (``from . import helper`` in a package's submodule) is not counted: Python has begun importing that
-    package first anyway; nor is an import inside a function (it runs when the function is called)."""
+def test_no_import_circle_and_no_arrow_back_up():
+    """The pack's modules (``ovis_u1/``, ``nodes/``, the root ``__init__.py``) form no import circle, counting every
+    import wherever it stands: at module level, and inside functions and classes (an import there is an arrow all the
+    same, one that only runs later). With no circle the modules stack into floors, each importing only what lies
+    below it; an arrow back up is one that closes a circle, and that is what this test refuses. A package's
+    ``__init__`` is a module like the others: a submodule taking a name from its own package's ``__init__`` (which
+    imports the submodules) is an arrow back up. Checked on the source (ast), without importing anything: ``nodes/``
+    imports ComfyUI, which need not be installed here."""
     graph = {}
     for path in PACK_SOURCES:
         name = module_name(path)
-        graph[name] = {t for t in pack_imports(path, at_import=True)
-                       if t in {module_name(p) for p in PACK_SOURCES} and not (name.startswith(f"{t}.") or t == "")}
+        graph[name] = {t: (path, line) for t, line in pack_imports(path).items() if t in PACK_MODULES and t != name}
     state: dict[str, str] = {}
 
     def visit(module: str, trail: list[str]) -> None:
         state[module] = "open"
         for target in sorted(graph[module]):
-            cycle = " → ".join(m or "__init__" for m in [*trail, module, target])
-            assert state.get(target) != "open", f"import cycle: {cycle}"
+            if state.get(target) == "open":
+                circle = [*trail[trail.index(target):], module, target] if target in trail else [module, target]
+                path, line = graph[module][target]
+                raise AssertionError(f"import circle: {' → '.join(m or '__init__' for m in circle)} "
+                                     f"(closed by {path.relative_to(ROOT)}:{line})")
             if target not in state:
                 visit(target, [*trail, module])
         state[module] = "done"
@@ -165,6 +182,25 @@ def test_node_imports_form_no_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_the_library_imports_at_module_level():
+    """``ovis_u1/`` imports everything at module level, so that its arrows are all visible at the top of each file
+    and run once: no import inside a function or a class, except an optional third-party package that most installs
+    lack (flash-attn, gguf)."""
+    offenders = []
+    for path in sources("ovis_u1"):
+        for node in later_imports(ast.parse(path.read_text(), filename=str(path))):
+            roots = ({alias.name.split(".")[0] for alias in node.names} if isinstance(node, ast.Import)
+                     else {(node.module or "").split(".")[0] if node.level == 0 else "."})
+            if not roots <= OPTIONAL_PACKAGES:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "move these imports to the top of the module:\n" + "\n".join(offenders)
+
+
+def test_the_error_classes_are_a_leaf():
+    """``ovis_u1/errors.py`` imports nothing of the pack, so that every module can raise the pack's errors."""
+    assert not pack_imports(ROOT / "ovis_u1" / "errors.py")
 
 
 def test_the_bridge_never_imports_a_node_module():
