@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -264,25 +265,35 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+@dataclass(frozen=True)
+class TokenSampling:
+    """How each new token is chosen: greedy (``do_sample`` false: the others are unused), or drawn at
+    ``temperature`` from the smallest set of tokens holding ``top_p`` of the probability, by a CPU generator seeded
+    with ``seed``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 @torch.inference_mode()
 def generate(
     llm: Qwen3ForCausalLM,
     embeds: torch.Tensor,
     eos_token_id: int | None,
     max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    sampling: TokenSampling = TokenSampling(),
     on_token: Callable[[int, int], None] | None = None,
     scores: list[torch.Tensor] | None = None,
 ) -> list[int]:
-    """Greedy (or temperature/top-p sampled) continuation of one sequence of input embeddings [L, H].
+    """Greedy (or temperature/top-p sampled: ``sampling``) continuation of one sequence of input embeddings [L, H].
 
     ``on_token(i, max_new_tokens)`` runs after each token (progress; it may raise to interrupt). ``scores``, when
     given, collects the logits of every step.
     """
-    generator = torch.Generator().manual_seed(seed) if do_sample else None
+    do_sample, temperature, top_p = sampling.do_sample, sampling.temperature, sampling.top_p
+    generator = torch.Generator().manual_seed(sampling.seed) if do_sample else None
     embed_tokens = llm.get_input_embeddings()
     # every step adds one position; the last one needs none for a following step
     cache = KVCache(len(llm.model.layers), capacity=embeds.shape[0] + max_new_tokens)

@@ -40,7 +40,7 @@ from .inputs import (  # re-exported: these names were defined here first
 )
 from .inputs import check_edit_image, check_finite, check_pil_image
 from .truncation import check_truncation
-from .llm import build_llm, condition_states, generate
+from .llm import TokenSampling, build_llm, condition_states, generate
 from .mmdit import MMDiT
 from .multimodal import merge_multimodal
 from .operations import casts_weights, cast_weights_of, compute_dtype, manual_cast, parse_weight_dtype
@@ -239,7 +239,7 @@ class OvisU1(nn.Module):
         embeds = self._merge(ids, visual, notes, what, images_adjustable=True)
         token_ids = generate(
             self.llm, embeds, self.tokenizer.eos_token_id, max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, scores=scores,
+            TokenSampling(do_sample, temperature, top_p, seed), on_token=on_token, scores=scores,
         )
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return Understanding(text=text, token_ids=token_ids, warnings=notes)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ovis_u1 import attention as attn
-from ovis_u1.llm import RMSNorm, TiedLMHead, build_llm, condition_states, generate, qwen3_params
+from ovis_u1.llm import RMSNorm, TiedLMHead, TokenSampling, build_llm, condition_states, generate, qwen3_params
 from tests.golden import CHECKPOINT, requires_golden
 
 TINY = {
@@ -179,7 +179,8 @@ def test_bf16_is_finite(pair):
     states = condition_states(llm, [e[0]])
     assert states[0].dtype == torch.bfloat16 and torch.isfinite(states[0]).all()
     scores: list[torch.Tensor] = []
-    ids = generate(llm, e[0], eos_token_id=None, max_new_tokens=4, do_sample=True, top_p=0.9, seed=3, scores=scores)
+    ids = generate(llm, e[0], eos_token_id=None, max_new_tokens=4,
+                   sampling=TokenSampling(do_sample=True, top_p=0.9, seed=3), scores=scores)
     assert len(ids) == 4 and all(torch.isfinite(s).all() for s in scores)
 
 
