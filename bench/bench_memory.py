@@ -29,7 +29,8 @@ edit, fp8 weights against --dtype weights, compute in --dtype; as a yardstick, t
 --dtype itself costs against an fp32 model. ``--storage`` takes ``fp8_e4m3fn`` / ``fp8_e5m2`` (weight-only: the
 pack's manual cast), ``fp8_e4m3fn+fast`` (ComfyUI's fp8 matmul of ``--fast``, emulated on the CPU: see "ComfyUI's fp8
 matmul" below) and, with ``+all``, every matrix in fp8 (the layers of ``ovis_u1.model.FP8_KEPT_OUT`` too, as before
-they were kept out). ``--reference-cache FILE`` keeps the default run's outputs for later runs with the same settings.
+they were kept out). ``--reference-cache FILE`` keeps the default run's outputs (a safetensors file) for later runs
+with the same settings.
 
 ``--sensitivity`` says which layers' inputs do not survive the fp8 matmul: per layer type, over a bf16 t2i and edit
 job, the largest |input|, the share of inputs clamped at ±448 and the relative error of x·Wᵀ with the input rounded
@@ -96,7 +97,6 @@ def _load_random(config_path, device, dtype, storage):
 
     from ovis_u1 import prompts
     from ovis_u1.config import params_from_dicts
-    from ovis_u1.llm import finish_llm
     from ovis_u1.model import OvisU1, fp8_keys
     from ovis_u1.operations import manual_cast, parse_weight_dtype
     from ovis_u1.smoke import PREPROCESSOR, write_tokenizer
@@ -106,7 +106,7 @@ def _load_random(config_path, device, dtype, storage):
     write_tokenizer(folder)
     params = params_from_dicts(json.loads(Path(config_path).read_text()), PREPROCESSOR)
     with torch.device("meta"):
-        model = OvisU1(params, tokenizer=prompts.load_tokenizer(folder),
+        model = OvisU1(params, tokenizer=prompts.load_tokenizer(folder, params.llm_config["vocab_size"]),
                        operations=manual_cast if weight_dtype is not None else nn)
     in_fp8 = fp8_keys(model) if weight_dtype is not None else set()
     generator = torch.Generator(device=device).manual_seed(0)
@@ -126,7 +126,6 @@ def _load_random(config_path, device, dtype, storage):
     for module in model.modules():
         if isinstance(module, manual_cast.Embedding):
             module.compute_dtype = dtype
-    finish_llm(model.llm, torch.device(device))
     model.eval()
     return model
 
@@ -411,12 +410,38 @@ def run_edit(model, size: int, steps: int):
     return latent, np.asarray(model.decode_to_pil(latent)[0])
 
 
+def save_reference(path: Path, key: str, outputs: dict) -> None:
+    """The default run's (latent, uint8 image) of every job as a safetensors file (no pickle), with ``key`` (the
+    checkpoint, size, steps, dtype and device it was made with) in its metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for job, (latent, image) in outputs.items():
+        tensors[f"{job}.latent"] = latent.detach().cpu().contiguous()
+        tensors[f"{job}.image"] = torch.from_numpy(image.copy())
+    save_file(tensors, str(path), metadata={"key": key})
+
+
+def load_reference(path: Path, key: str) -> dict | None:
+    """What :func:`save_reference` wrote, if ``path`` holds a run made with ``key``; else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+        jobs = sorted({name.rsplit(".", 1)[0] for name in f.keys()})
+        return {job: (f.get_tensor(f"{job}.latent"), f.get_tensor(f"{job}.image").numpy()) for job in jobs}
+
+
 def deviation(out, ref) -> dict:
     """|Δ| of a (latent, uint8 image) pair against a reference pair."""
     import numpy as np
 
     (latent, image), (ref_latent, ref_image) = out, ref
-    dl = (latent - ref_latent).abs()
+    dl = (latent - ref_latent.to(latent.device)).abs()
     di = np.abs(image.astype(np.int32) - ref_image.astype(np.int32))
     return {"latent_max": dl.max().item(), "latent_mean": dl.mean().item(),
             "latent_ref_absmax": ref_latent.abs().max().item(), "image_max": int(di.max()),
@@ -436,8 +461,9 @@ def quality(args) -> list[dict]:
     if args.reference_cache:  # the default run is the same for every storage: measure it once per setting
         key = f"{Path(args.checkpoint).resolve()}|{args.size}|{args.steps}|{args.dtype}|{args.device}"
         cache = Path(args.reference_cache)
-        if cache.is_file() and torch.load(cache, weights_only=False)["key"] == key:
-            results["default"] = torch.load(cache, weights_only=False)["outputs"]
+        cached = load_reference(cache, key)
+        if cached is not None:
+            results["default"] = cached
             storages.remove("default")
     for storage in storages:
         model = load_for_quality(args.checkpoint, storage, args.device, dtype)
@@ -446,7 +472,7 @@ def quality(args) -> list[dict]:
         del model
         gc.collect()
         if storage == "default" and cache is not None:
-            torch.save({"key": key, "outputs": results["default"]}, cache)
+            save_reference(cache, key, results["default"])
     rows = []
     for storage, out in results.items():
         if storage == "default":
