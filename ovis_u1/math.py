@@ -1,6 +1,6 @@
-"""Pure tensor functions: RMS normalisation (AIMv2 and the MMDiT's QK-norm), the timestep embedding, the image-token
-grid and the 3-axis rotary position embedding of the MMDiT (official modeling_aimv2.py, RMSNorm; modeling_yak.py, QKNorm,
-timestep_embedding, EmbedND / rope / apply_rope).
+"""Pure tensor functions: RMS normalisation (AIMv2 and the MMDiT's QK-norm), the timestep embedding, the
+image-token grid and the 3-axis rotary position embedding of the MMDiT (official modeling_aimv2.py, RMSNorm;
+modeling_yak.py, QKNorm, timestep_embedding, EmbedND / rope / apply_rope).
 
 Nothing here holds state; the model computes the tables once per prompt/size (``MMDiT.prepare``) and reuses them
 at every denoising step.

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-import ovis_u1
 import ovis_u1.__main__ as cli
 from ovis_u1.__main__ import main
 from tests.golden import CHECKPOINT, TINY_A, assert_golden_image, case_params, requires_golden, tensors

@@ -73,7 +73,7 @@ def test_everything_imports_without_comfyui_or_flash_attn():
 
 
 # ----------------------------------------------------------------------------------- the pack's own imports
-PACK_SOURCES = [ROOT / "__init__.py", *sorted((ROOT / "nodes").rglob("*.py")), *sorted((ROOT / "ovis_u1").rglob("*.py"))]
+PACK_SOURCES = [ROOT / "__init__.py", *sources("nodes"), *sources("ovis_u1")]
 # Third-party packages the library may import inside a function: optional ones, absent from most installs.
 OPTIONAL_PACKAGES = {"flash_attn", "gguf"}
 
@@ -109,7 +109,8 @@ def module_level(tree: ast.Module):
 def later_imports(tree: ast.Module):
     """The import statements inside functions and classes: those that run later than the module's import."""
     at_import = set(map(id, module_level(tree)))
-    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in at_import]
+    return [node for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in at_import]
 
 
 def pack_imports(path: Path, at_import: bool = False) -> dict[str, int]:
