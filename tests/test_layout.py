@@ -21,13 +21,18 @@ FORBIDDEN_EVERYWHERE = {"diffusers", "torchvision"}
 UNPUBLISHED_CITATIONS = ("SPEC" + " §", "SPEC" + ".md")
 
 
+def imported_roots_of(node: ast.Import | ast.ImportFrom) -> set[str]:
+    """The top-level packages an import statement names (none for a relative import)."""
+    if isinstance(node, ast.Import):
+        return {alias.name.split(".")[0] for alias in node.names}
+    return {node.module.split(".")[0]} if node.level == 0 and node.module else set()
+
+
 def imported_roots(path: Path) -> set[str]:
     roots = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            roots |= imported_roots_of(node)
     return roots
 
 
@@ -210,6 +215,25 @@ def test_the_bridge_never_imports_a_node_module():
         for target in pack_imports(path):
             below = target.startswith("ovis_u1") or target.startswith("nodes.comfy_bridge")
             assert below, f"{path.relative_to(ROOT)} imports {target or 'the pack'}"
+
+
+def test_nothing_unpickles():
+    """No file of the pack or its benchmarks loads a pickle (``torch.load`` without ``weights_only=True``,
+    ``pickle``, ``np.load(allow_pickle=True)``): a pickle runs code when it is read, and the registry's scanners flag
+    it. Caches are safetensors or JSON."""
+    offenders = []
+    for path in sources("ovis_u1") + sources("nodes") + sources("bench") + sources("tests"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and imported_roots_of(node) & {"pickle", "dill"}:
+                offenders.append(f"{where}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+                options = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                call = ast.unparse(node.func)
+                if (call == "torch.load" and options.get("weights_only") != "True") or (
+                        call in ("np.load", "numpy.load") and options.get("allow_pickle") == "True"):
+                    offenders.append(f"{where}: {ast.unparse(node)}")
+    assert not offenders, "store it as safetensors or JSON instead:\n" + "\n".join(offenders)
 
 
 def tracked_text_files() -> list[Path]:
