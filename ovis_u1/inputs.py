@@ -78,6 +78,34 @@ def check_max_new_tokens(value, name: str = "max_new_tokens") -> int:
     return as_int(value, name, 1, None, fix="use a whole number of at least 1 (e.g. 1024)")
 
 
+def check_answer_fits(max_new_tokens: int, prompt_tokens: int, context: int, name: str = "max_new_tokens") -> int:
+    """The prompt and the answer together must fit the LLM's context (``max_position_embeddings`` of its config, as
+    transformers' ``generate`` bounds ``max_length``): RoPE positions past it were never trained, and the KV cache is
+    allocated once for prompt + answer, so asking for more would allocate memory no answer can use."""
+    room = context - prompt_tokens
+    if max_new_tokens > room:
+        raise OvisU1InputError(
+            f"{name} {max_new_tokens} does not fit the model's context: the prompt takes {prompt_tokens} of its "
+            f"{context} positions (llm_config.max_position_embeddings), which leaves {max(room, 0)} for the answer; "
+            f"set {name} to at most {max(room, 1)} (e.g. 1024)"
+        )
+    return max_new_tokens
+
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_compute_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """The dtype the model computes in: a floating dtype its layers run in, or None (the device's default)."""
+    if dtype is None or dtype in COMPUTE_DTYPES:
+        return dtype
+    fp8 = "; to store weights in fp8 pass weight_dtype" if str(dtype).startswith("torch.float8") else ""
+    raise OvisU1InputError(
+        f"{name} {dtype!r} is not a dtype Ovis-U1 can compute in: use torch.bfloat16, torch.float16 or torch.float32 "
+        f"(or None: bf16 where the device supports it, else fp32){fp8}"
+    )
+
+
 def check_sampling(temperature, top_p) -> tuple[float, float]:
     """Temperature > 0 and top_p in (0, 1] (for sampling; greedy decoding does not use them)."""
     temperature = as_float(temperature, "temperature", 0.0, None, low_open=True,

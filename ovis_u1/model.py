@@ -38,7 +38,7 @@ from .inputs import (  # re-exported: these names were defined here first
     check_size,
     check_steps,
 )
-from .inputs import check_edit_image, check_finite, check_pil_image
+from .inputs import check_answer_fits, check_compute_dtype, check_edit_image, check_finite, check_pil_image
 from .truncation import check_truncation
 from .llm import build_llm, condition_states, generate
 from .mmdit import MMDiT
@@ -237,9 +237,12 @@ class OvisU1(nn.Module):
         notes: list[str] = []
         what = "the question" if instruction is None else "the instruction and the question"
         embeds = self._merge(ids, visual, notes, what, images_adjustable=True)
+        context = llm_context(self.params)
+        check_answer_fits(max_new_tokens, embeds.shape[0], context)
         token_ids = generate(
             self.llm, embeds, self.tokenizer.eos_token_id, max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, scores=scores,
+            context=context,
         )
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return Understanding(text=text, token_ids=token_ids, warnings=notes)
@@ -478,6 +481,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+QWEN3_CONTEXT = 32768  # transformers' Qwen3Config default max_position_embeddings
+
+
+def llm_context(params: OvisU1Params) -> int:
+    """How many positions the LLM attends over: its config's ``max_position_embeddings``."""
+    return int(params.llm_config.get("max_position_embeddings") or QWEN3_CONTEXT)
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -598,6 +609,7 @@ def load_model(
     operations = _operations_for(weight_dtype, operations, "operations")
     if encoder_operations is not None:
         encoder_operations = _operations_for(weight_dtype, encoder_operations, "encoder_operations")
+    dtype = check_compute_dtype(dtype)
     directory = check_directory(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
