@@ -24,6 +24,7 @@ from .checkpoint import MarkFileSlice, check_directory, load_weights, reading_ah
 from .config import OvisU1Params, load_params
 from .inputs import (  # re-exported: these names were defined here first
     MAX_CFG,
+    MAX_ENCODE_PIXELS,
     MAX_SIZE,
     MIN_SIZE,
     SIZE_MULTIPLE,
@@ -58,7 +59,6 @@ from .vae import AutoencoderKL, latent_to_vae, legacy_vae_key, to_uint8_image, v
 from .vision import VisualTokenizer, visual_embeddings
 
 MODES = ("t2i", "edit")
-MAX_ENCODE_PIXELS = MAX_SIZE * MAX_SIZE  # the largest image the sampler makes; VAE Encode refuses larger ones
 
 
 @dataclass
@@ -276,6 +276,9 @@ class OvisU1(nn.Module):
         if mode == "t2i":
             if width is None or height is None:
                 raise OvisU1InputError("text-to-image needs width and height")
+            if image is not None:
+                raise OvisU1InputError("image: text-to-image draws on a blank canvas and uses no image; leave it out, "
+                                       "or use mode 'edit' to change the image")
             width, height = check_size(width, height)
             sources = {"canvas": white_canvas(width, height)}
         else:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import ovis_u1
 from ovis_u1 import OvisU1InputError, llm
@@ -166,3 +167,9 @@ def test_the_kv_cache_never_grows_past_the_context(model, monkeypatch):
     tokens = llm.generate(model.llm, embeds, None, 10**9, context=context)
     assert len(tokens) == context - 4
     assert max(sizes) <= context, sizes
+
+
+# --------------------------------------------------------------------------- an image in text-to-image mode
+def test_an_image_given_to_text_to_image_is_not_ignored(model):
+    error(OvisU1InputError, lambda: model.encode_condition("a cat", "t2i", image=Image.new("RGB", (64, 64)), width=64,
+                                                           height=64), "image: text-to-image", "mode 'edit'")
