@@ -209,8 +209,8 @@ def check_latent(latent, name: str, channels: int) -> torch.Tensor:
     if latent.ndim == 4 and latent.shape[1] != channels:
         raise OvisU1InputError(
             f"{name}: a latent of {latent.shape[1]} channels (shape {list(latent.shape)}), but the Ovis-U1 VAE's "
-            f"latents have {channels}; it comes from another model's VAE or sampler: connect a latent sampled with "
-            "Ovis-U1's MODEL or encoded with its VAE"
+            f"latents are [B, {channels}, h, w]; it comes from another model's VAE or sampler: connect a latent "
+            "sampled with Ovis-U1's MODEL or encoded with its VAE"
         )
     if latent.ndim != 4 or latent.shape[0] == 0 or min(latent.shape[2:]) < 1:
         raise OvisU1InputError(
