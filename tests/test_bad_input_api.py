@@ -25,16 +25,9 @@ from tests.pack import ROOT
 
 pytestmark = requires_golden
 
-# The loaded model and the golden re-check after every case of the first round.
+# The loaded model and the golden re-check after every case of the first round; the second round's error check.
 from tests.test_bad_input_checkpoint import golden_state, model, still_golden  # noqa: E402, F401
-
-
-def error(exc_type, fn, *names: str) -> str:
-    with pytest.raises(exc_type) as info:
-        fn()
-    for name in names:
-        assert name in str(info.value), f"{name!r} not in {str(info.value)!r}"
-    return str(info.value)
+from tests.test_bad_input_more import error  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- item 8: model names
