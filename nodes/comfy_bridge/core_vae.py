@@ -47,10 +47,8 @@ class OvisU1CoreVAE(comfy.sd.VAE):
     CPU with ``--cpu-vae``), ``vae_offload_device()`` and ``vae_dtype(device, working_dtypes)``. fp32, the dtype of
     the official decode, is the only working dtype, so it stays the default and only ``--bf16-vae`` / ``--fp16-vae``
     pick another; the weights are converted to it, as core converts its VAEs. ``disable_dynamic``: the patcher is a
-    plain ``ModelPatcher`` (what ``ModelPatcher.clone(disable_dynamic=True)`` asks of a rebuild).
-
-    Every image and latent core's nodes hand it is checked once, by the library (``ovis_u1.inputs``), before core's
-    code or the VAE sees it.
+    plain ``ModelPatcher`` (what ``ModelPatcher.clone(disable_dynamic=True)`` asks of a rebuild). What core's nodes
+    hand it is checked once by the library (``ovis_u1.inputs``) before core's code or the VAE sees it.
     """
 
     downscale_ratio = upscale_ratio = 8
@@ -77,11 +75,8 @@ class OvisU1CoreVAE(comfy.sd.VAE):
         self.patcher = patcher_class(disable_dynamic)(self.first_stage_model, load_device=self.device,
                                                       offload_device=mm.vae_offload_device(), size=weight_bytes(vae))
 
-    def process_input(self, image):  # IMAGE in [0, 1] → the VAE's [-1, 1]
-        return image * 2.0 - 1.0
-
-    def process_output(self, image):  # the VAE's [-1, 1] → IMAGE in [0, 1], in place as core's
-        return image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+    process_input = staticmethod(lambda image: image * 2.0 - 1.0)  # IMAGE in [0, 1] → the VAE's [-1, 1]
+    process_output = staticmethod(lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0))  # and back, in place
 
     def vae_output_dtype(self):
         return mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else torch.float32
