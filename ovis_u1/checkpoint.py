@@ -15,7 +15,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 
@@ -54,6 +54,16 @@ def read_json(path: Path, what: str = "") -> dict:
 
 def check_directory(directory: str | Path) -> Path:
     directory = Path(directory)
+    try:
+        return _check_directory(directory)
+    except PermissionError as e:  # a folder on the way to it may not be entered: looking inside fails, not reading
+        raise CheckpointError(
+            f"cannot open model folder {str(directory)!r}: permission denied ({e.filename or directory}); make it and "
+            "the folders above it readable and enterable by this process (e.g. chmod a+rx)"
+        ) from e
+
+
+def _check_directory(directory: Path) -> Path:
     if directory.is_file():
         parent = f"; use its folder {str(directory.parent)!r}" if (directory.parent / "config.json").is_file() else ""
         raise CheckpointError(
@@ -62,6 +72,9 @@ def check_directory(directory: str | Path) -> Path:
         )
     if not directory.is_dir():
         raise CheckpointError(f"model folder {str(directory)!r} does not exist")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise CheckpointError(f"cannot open model folder {str(directory)!r}: permission denied (this process may not "
+                              "list or enter it); make it readable and enterable (e.g. chmod a+rx)")
     config = directory / "config.json"
     if not config.is_file():
         raise CheckpointError(
@@ -572,8 +585,42 @@ def find_model_dirs(roots: list[str | Path]) -> list[Path]:
     found: list[Path] = []
     for root in roots:
         root = Path(root)
-        if is_ovis_u1_dir(root):
-            found.append(root)
-        elif root.is_dir():
-            found.extend(sorted(d for d in root.iterdir() if d.is_dir() and is_ovis_u1_dir(d)))
+        try:
+            if is_ovis_u1_dir(root):
+                found.append(root)
+            elif root.is_dir():
+                found.extend(sorted(d for d in root.iterdir() if d.is_dir() and is_ovis_u1_dir(d)))
+        except PermissionError:  # a root this process may not list holds nothing it could load
+            continue
     return list(dict.fromkeys(found))
+
+
+def is_folder_name(name) -> bool:
+    """Whether ``name`` can only mean an entry directly inside a model root: one path component of either OS, not
+    ``.`` or ``..``, not absolute, no drive, no NUL. A loader's model name is such a name (what
+    :func:`find_model_dirs` lists); anything else would join onto a root and reach elsewhere on the disk."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and not PureWindowsPath(name).drive)
+
+
+def model_dir_named(name, roots: list[str | Path]) -> Path | None:
+    """The folder a loader's model ``name`` stands for: the checkpoint folder of that name that
+    :func:`find_model_dirs` lists, failing that an entry of that name directly inside a root (loading it then explains
+    what is wrong with it); None for every other name, before the disk is looked at.
+
+    Names resolve only inside the roots, as ComfyUI's own loaders resolve theirs (``folder_paths.get_full_path``), but
+    stricter: ``folder_paths`` folds an absolute path or a ``..`` chain back into the root
+    (``os.path.relpath(os.path.join("/", name), "/")``) and loads whatever that names; here such a name is no name
+    the list holds and is refused. A symbolic link that is itself an entry of a root is followed, as ComfyUI follows
+    it (``folder_paths.recursive_search`` walks with ``followlinks=True``; ``get_full_path`` accepts a link): whoever
+    runs the server put it there (a client cannot make one), and it is how model folders are shared between installs.
+    A path through such a link (``link/folder``) is more than one component and refused like any other path."""
+    if not is_folder_name(name):
+        return None
+    for path in find_model_dirs(roots):
+        if path.name == name:
+            return path
+    for root in roots:
+        if os.path.isdir(Path(root) / name):  # False, not an error, where a root may not be entered
+            return Path(root) / name
+    return None

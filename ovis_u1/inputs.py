@@ -24,6 +24,7 @@ from .errors import OvisU1InputError  # noqa: F401 — re-exported: defined here
 from .sizes import edit_target_size
 
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 4096, 16
+MAX_ENCODE_PIXELS = MAX_SIZE * MAX_SIZE  # the largest image the sampler makes; VAE Encode refuses larger ones
 MAX_CFG = 100.0
 MAX_SEED = 2**64 - 1
 
@@ -77,6 +78,34 @@ def check_steps(steps, name: str = "steps") -> int:
 
 def check_max_new_tokens(value, name: str = "max_new_tokens") -> int:
     return as_int(value, name, 1, None, fix="use a whole number of at least 1 (e.g. 1024)")
+
+
+def check_answer_fits(max_new_tokens: int, prompt_tokens: int, context: int, name: str = "max_new_tokens") -> int:
+    """The prompt and the answer together must fit the LLM's context (``max_position_embeddings`` of its config, as
+    transformers' ``generate`` bounds ``max_length``): RoPE positions past it were never trained, and the KV cache is
+    allocated once for prompt + answer, so asking for more would allocate memory no answer can use."""
+    room = context - prompt_tokens
+    if max_new_tokens > room:
+        raise OvisU1InputError(
+            f"{name} {max_new_tokens} does not fit the model's context: the prompt takes {prompt_tokens} of its "
+            f"{context} positions (llm_config.max_position_embeddings), which leaves {max(room, 0)} for the answer; "
+            f"set {name} to at most {max(room, 1)}"
+        )
+    return max_new_tokens
+
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_compute_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """The dtype the model computes in: a floating dtype its layers run in, or None (the device's default)."""
+    if dtype is None or dtype in COMPUTE_DTYPES:
+        return dtype
+    fp8 = "; to store weights in fp8 pass weight_dtype" if str(dtype).startswith("torch.float8") else ""
+    raise OvisU1InputError(
+        f"{name} {dtype!r} is not a dtype Ovis-U1 can compute in: use torch.bfloat16, torch.float16 or torch.float32 "
+        f"(or None: bf16 where the device supports it, else fp32){fp8}"
+    )
 
 
 def check_sampling(temperature, top_p) -> tuple[float, float]:
@@ -178,7 +207,13 @@ def check_latent(latent, name: str, channels: int) -> torch.Tensor:
         raise OvisU1InputError(f"{name}: expected a latent tensor, got {type(latent).__name__}")
     check_not_empty(latent, name, "latents", f"there is nothing to decode: pass at least one latent [B, {channels}, "
                                              "h, w]")
-    if latent.ndim != 4 or latent.shape[1] != channels or latent.shape[0] == 0 or min(latent.shape[2:]) < 1:
+    if latent.ndim == 4 and latent.shape[1] != channels:
+        raise OvisU1InputError(
+            f"{name}: a latent of {latent.shape[1]} channels (shape {list(latent.shape)}), but the Ovis-U1 VAE's "
+            f"latents are [B, {channels}, h, w]; it comes from another model's VAE or sampler: connect a latent "
+            "sampled with Ovis-U1's MODEL or encoded with its VAE"
+        )
+    if latent.ndim != 4 or latent.shape[0] == 0 or min(latent.shape[2:]) < 1:
         raise OvisU1InputError(
             f"{name}: expected a latent [B, {channels}, h, w] of the Ovis-U1 VAE, got shape {list(latent.shape)}; "
             "connect the output of an Ovis-U1 sampler or VAE encode"
@@ -195,11 +230,35 @@ def check_pixels(pixels, name: str, max_pixels: int) -> torch.Tensor:
     check_not_empty(pixels, name, "images", "there is nothing to encode: pass at least one image [B, 3, H, W]")
     if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
         raise OvisU1InputError(f"{name}: expected pixels [B, 3, H, W], got shape {list(pixels.shape)}")
-    height, width = pixels.shape[2:]
-    if height < 8 or width < 8:
-        raise OvisU1InputError(f"{name}: {width}×{height} is too small to encode (at least 8×8)")
-    check_image_area(width, height, name, max_pixels)
+    check_encodable_size(pixels.shape[3], pixels.shape[2], name, max_pixels)
     return check_finite(pixels, name)
+
+
+def check_host_image(images, name: str, max_pixels: int | None = MAX_ENCODE_PIXELS) -> torch.Tensor:
+    """An image batch as a host hands it to the VAE, channels last ([B, H, W, C], ComfyUI's IMAGE) → RGB [B, H, W, 3].
+    C is 1 to 4, read as ``preprocess.to_rgb`` reads PIL's modes: gray (L) and gray + alpha (LA) become gray RGB, RGBA
+    loses its alpha. At least 8×8, at most ``max_pixels`` per image (None: no cap, for a tiled encode), finite; the
+    size is checked before the values, so an oversized image is refused without reading it."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise OvisU1InputError(f"{name}: expected an image batch [B, H, W, 3], got {got}; connect an IMAGE")
+    check_not_empty(images, name, "images", "there is nothing to encode: connect at least one image")
+    channels = images.shape[3]
+    if not 1 <= channels <= 4:
+        raise OvisU1InputError(f"{name}: an image of {channels} channels; Ovis-U1's VAE encodes RGB (gray, gray + "
+                               "alpha and RGBA are converted): convert it to RGB first")
+    check_encodable_size(images.shape[2], images.shape[1], name, max_pixels)
+    check_finite(images, name)
+    return images[..., :1].expand(-1, -1, -1, 3) if channels < 3 else images[..., :3]
+
+
+def check_encodable_size(width: int, height: int, name: str, max_pixels: int | None) -> None:
+    """At least 8×8 (one latent cell) and at most ``max_pixels`` (None: any)."""
+    if height < 8 or width < 8:
+        raise OvisU1InputError(f"{name}: {width}×{height} is too small to encode (at least 8×8); scale it up first "
+                               "(e.g. with the core 'Upscale Image' node, ImageScale)")
+    if max_pixels is not None:
+        check_image_area(width, height, name, max_pixels)
 
 
 def check_image_area(width: int, height: int, name: str, max_pixels: int) -> None:
@@ -207,8 +266,15 @@ def check_image_area(width: int, height: int, name: str, max_pixels: int) -> Non
         side = int(math.sqrt(max_pixels))
         raise OvisU1InputError(
             f"{name}: {width}×{height} is too large to VAE-encode ({width * height} pixels, at most {max_pixels} = "
-            f"{side}×{side}); scale it down first (e.g. with the core 'Upscale Image' node or any image editor)"
+            f"{side}×{side}); scale it down first (e.g. with the core 'Upscale Image' node, ImageScale, or any image "
+            "editor)"
         )
+
+
+def check_latent_size(shape, name: str) -> tuple[int, int]:
+    """(width, height) in pixels of a VAE latent [..., h, w] (8 pixels a cell) to be sampled: the sizes
+    ``check_size`` allows, so that the MMDiT samples nothing the API refuses."""
+    return check_size(shape[-1] * 8, shape[-2] * 8, f"{name} width and height (8 pixels per latent cell)")
 
 
 def check_pil_image(image, name: str = "image"):

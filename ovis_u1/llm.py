@@ -286,15 +286,20 @@ def generate(
     sampling: TokenSampling = TokenSampling(),
     on_token: Callable[[int, int], None] | None = None,
     scores: list[torch.Tensor] | None = None,
+    context: int | None = None,
 ) -> list[int]:
     """Greedy (or temperature/top-p sampled: ``sampling``) continuation of one sequence of input embeddings [L, H].
 
     ``on_token(i, max_new_tokens)`` runs after each token (progress; it may raise to interrupt). ``scores``, when
-    given, collects the logits of every step.
+    given, collects the logits of every step. ``context`` (the LLM's ``max_position_embeddings``) bounds prompt +
+    answer: generation stops there, so the KV cache never holds more positions than the model has, whatever
+    ``max_new_tokens`` asks (``OvisU1.understand`` refuses such a request before it gets here).
     """
     do_sample, temperature, top_p = sampling.do_sample, sampling.temperature, sampling.top_p
     generator = torch.Generator().manual_seed(sampling.seed) if do_sample else None
     embed_tokens = llm.get_input_embeddings()
+    if context is not None:
+        max_new_tokens = min(max_new_tokens, max(context - embeds.shape[0], 0))
     # every step adds one position; the last one needs none for a following step
     cache = KVCache(len(llm.model.layers), capacity=embeds.shape[0] + max_new_tokens)
     inputs = embeds[None]

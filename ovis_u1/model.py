@@ -24,6 +24,7 @@ from .checkpoint import MarkFileSlice, check_directory, load_weights, reading_ah
 from .config import OvisU1Params, load_params
 from .inputs import (  # re-exported: these names were defined here first
     MAX_CFG,
+    MAX_ENCODE_PIXELS,
     MAX_SIZE,
     MIN_SIZE,
     SIZE_MULTIPLE,
@@ -38,7 +39,7 @@ from .inputs import (  # re-exported: these names were defined here first
     check_size,
     check_steps,
 )
-from .inputs import check_edit_image, check_finite, check_pil_image
+from .inputs import check_answer_fits, check_compute_dtype, check_edit_image, check_finite, check_pil_image
 from .truncation import check_truncation
 from .llm import TokenSampling, build_llm, condition_states, generate
 from .mmdit import MMDiT
@@ -58,7 +59,6 @@ from .vae import AutoencoderKL, latent_to_vae, legacy_vae_key, to_uint8_image, v
 from .vision import VisualTokenizer, visual_embeddings
 
 MODES = ("t2i", "edit")
-MAX_ENCODE_PIXELS = MAX_SIZE * MAX_SIZE  # the largest image the sampler makes; VAE Encode refuses larger ones
 
 
 @dataclass
@@ -237,9 +237,12 @@ class OvisU1(nn.Module):
         notes: list[str] = []
         what = "the question" if instruction is None else "the instruction and the question"
         embeds = self._merge(ids, visual, notes, what, images_adjustable=True)
+        context = llm_context(self.params)
+        check_answer_fits(max_new_tokens, embeds.shape[0], context)
         token_ids = generate(
             self.llm, embeds, self.tokenizer.eos_token_id, max_new_tokens,
             TokenSampling(do_sample, temperature, top_p, seed), on_token=on_token, scores=scores,
+            context=context,
         )
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return Understanding(text=text, token_ids=token_ids, warnings=notes)
@@ -273,6 +276,9 @@ class OvisU1(nn.Module):
         if mode == "t2i":
             if width is None or height is None:
                 raise OvisU1InputError("text-to-image needs width and height")
+            if image is not None:
+                raise OvisU1InputError("image: text-to-image draws on a blank canvas and uses no image; leave it out, "
+                                       "or use mode 'edit' to change the image")
             width, height = check_size(width, height)
             sources = {"canvas": white_canvas(width, height)}
         else:
@@ -478,6 +484,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+QWEN3_CONTEXT = 32768  # transformers' Qwen3Config default max_position_embeddings
+
+
+def llm_context(params: OvisU1Params) -> int:
+    """How many positions the LLM attends over: its config's ``max_position_embeddings``."""
+    return int(params.llm_config.get("max_position_embeddings") or QWEN3_CONTEXT)
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -598,6 +612,7 @@ def load_model(
     operations = _operations_for(weight_dtype, operations, "operations")
     if encoder_operations is not None:
         encoder_operations = _operations_for(weight_dtype, encoder_operations, "encoder_operations")
+    dtype = check_compute_dtype(dtype)
     directory = check_directory(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)

@@ -31,6 +31,7 @@ import comfy.patcher_extension
 import comfy.supported_models_base
 
 from ...ovis_u1 import OvisU1InputError, attention, estimates
+from ...ovis_u1.inputs import check_latent_size
 from ...ovis_u1.mmdit import MMDiT
 from ...ovis_u1.sampling import image_tokens, in_noise_precision, pack_latents, shift_mu, unpack_latents
 from ...ovis_u1.vae import scale_latent, unscale_latent
@@ -42,6 +43,7 @@ from .free_parameters import patch_on_load
 from .memory import patcher_class, weight_bytes
 
 DEFAULT_TEXT_TOKENS = 512  # a condition of unknown length: the prompt with the visual tokens of its image
+SAMPLED_LATENT = "the sampled latent's (KSampler 'latent_image', the MMDiT Sampler's 'latent')"
 TIME_SCALE = "ovis_u1_time_scale"  # transformer_options: what the sampling object multiplies the flow time by
 
 
@@ -110,12 +112,7 @@ class OvisU1MMDiT(MMDiT):
 
     def _comfy_forward(self, x, timestep, context, pooled=None, ref_latents=None, control=None,
                        transformer_options={}, context_tokens=None, **kwargs):
-        if x.shape[-1] % 2 or x.shape[-2] % 2:
-            raise OvisU1InputError(
-                f"Ovis-U1 needs width and height in multiples of 16 pixels; the latent is {x.shape[-1] * 8}×"
-                f"{x.shape[-2] * 8}: pick e.g. {round(x.shape[-1] / 2) * 16}×{round(x.shape[-2] / 2) * 16}"
-            )
-        height, width = x.shape[-2] * 8, x.shape[-1] * 8
+        width, height = check_latent_size(x.shape, SAMPLED_LATENT)  # what the API samples: nothing the MMDiT fails on
         ctx = None
         if ref_latents:
             check_context_size(ref_latents[0].shape, x.shape)

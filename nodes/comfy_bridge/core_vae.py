@@ -6,9 +6,6 @@ it for the one thing core's VAE does not do, a seeded sample of the posterior (t
 
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import torch
 from torch import nn
 
@@ -16,6 +13,7 @@ import comfy.model_management as mm
 import comfy.sd
 
 from ...ovis_u1 import OvisU1InputError, estimates
+from ...ovis_u1.inputs import check_host_image, check_latent
 from ...ovis_u1.model import sample_edit_latent
 
 from .memory import patcher_class, weight_bytes
@@ -41,26 +39,31 @@ class OvisU1CoreVAE(comfy.sd.VAE):
     """A core VAE over the checkpoint's VAE, on ComfyUI's VAE device in ComfyUI's VAE dtype.
 
     ``comfy.sd.VAE.__init__`` builds its first-stage model from a state dict, which it cannot do for the pack's VAE
-    (its widths need not be SDXL's: the test checkpoints are tiny). Given no weights it sets every attribute a VAE has
-    to its default and stops; that call is made first, so attributes later ComfyUI versions add (0.33.0:
-    ``format_encoded``, ``handles_tiling``) exist here too, and only what differs from the defaults is set after it.
+    (its widths need not be SDXL's: the test checkpoints are tiny), and given none it warns "No VAE weights detected".
+    So it is not called: what it sets before reading weights (ComfyUI 0.18.1 and 0.33.0) is set here, the SD defaults
+    as class attributes (tests/comfyui/test_core_inputs.py checks that none is missing), the rest in ``__init__``.
 
     Device and dtype are chosen as the end of ``comfy.sd.VAE.__init__`` chooses them: ``vae_device()`` (the GPU, the
     CPU with ``--cpu-vae``), ``vae_offload_device()`` and ``vae_dtype(device, working_dtypes)``. fp32, the dtype of
     the official decode, is the only working dtype, so it stays the default and only ``--bf16-vae`` / ``--fp16-vae``
     pick another; the weights are converted to it, as core converts its VAEs. ``disable_dynamic``: the patcher is a
-    plain ``ModelPatcher`` (what ``ModelPatcher.clone(disable_dynamic=True)`` asks of a rebuild).
+    plain ``ModelPatcher`` (what ``ModelPatcher.clone(disable_dynamic=True)`` asks of a rebuild). What core's nodes
+    hand it is checked once by the library (``ovis_u1.inputs``) before core's code or the VAE sees it.
     """
 
+    downscale_ratio = upscale_ratio = 8
+    latent_dim, output_channels, pad_channel_value, crop_input = 2, 3, None, True
+    disable_offload = not_video = handles_tiling = False
+    size = downscale_index_formula = upscale_index_formula = extra_1d_channel = format_encoded = None
+    audio_sample_rate = 44100
+
     def __init__(self, vae, disable_dynamic: bool = False):
-        with _quiet_vae_warning():
-            comfy.sd.VAE.__init__(self, sd={})
-        widths = tuple(vae.params.block_out_channels) if hasattr(vae, "params") else estimates.SDXL_BLOCK_OUT
+        widths = tuple(vae.params.block_out_channels)
         self.memory_used_encode = lambda shape, dtype: estimates.vae_encode_memory(shape[2], shape[3],
                                                                                    mm.dtype_size(dtype), widths)
         self.memory_used_decode = lambda shape, dtype: estimates.vae_decode_memory(shape[2], shape[3],
                                                                                    mm.dtype_size(dtype), widths)
-        self.latent_channels = vae.params.latent_channels if hasattr(vae, "params") else 4
+        self.latent_channels = vae.params.latent_channels
         self.working_dtypes = [torch.float32]
         self.first_stage_model = OvisU1FirstStage(vae).eval()
         self.device = mm.vae_device()
@@ -72,23 +75,24 @@ class OvisU1CoreVAE(comfy.sd.VAE):
         self.patcher = patcher_class(disable_dynamic)(self.first_stage_model, load_device=self.device,
                                                       offload_device=mm.vae_offload_device(), size=weight_bytes(vae))
 
+    process_input = staticmethod(lambda image: image * 2.0 - 1.0)  # IMAGE in [0, 1] → the VAE's [-1, 1]
+    process_output = staticmethod(lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0))  # and back, in place
+
     def vae_output_dtype(self):
         return mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else torch.float32
 
+    def encode(self, pixel_samples):
+        return super().encode(check_host_image(pixel_samples, "VAEEncode pixels"))
 
-@contextlib.contextmanager
-def _quiet_vae_warning():
-    """``comfy.sd.VAE.__init__`` without weights warns that the VAE is not initialised; here it is, right after."""
+    def encode_tiled(self, pixel_samples, *args, **kwargs):  # tiles: no size cap
+        return super().encode_tiled(check_host_image(pixel_samples, "VAEEncodeTiled pixels", None), *args, **kwargs)
 
-    def drop(record: logging.LogRecord) -> bool:
-        return "No VAE weights detected" not in record.getMessage()
+    def decode(self, samples_in, *args, **kwargs):
+        return super().decode(check_latent(samples_in, "VAEDecode samples", self.latent_channels), *args, **kwargs)
 
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
+    def decode_tiled(self, samples, *args, **kwargs):
+        return super().decode_tiled(check_latent(samples, "VAEDecodeTiled samples", self.latent_channels), *args,
+                                    **kwargs)
 
 
 def make_core_vae(ovis, disable_dynamic: bool = False) -> OvisU1CoreVAE:

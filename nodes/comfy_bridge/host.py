@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ...ovis_u1 import OvisU1InputError
-from ...ovis_u1.checkpoint import default_model_roots, find_model_dirs
+from ...ovis_u1.checkpoint import default_model_roots, find_model_dirs, model_dir_named
 
 try:  # ComfyUI's own modules; absent outside ComfyUI
     import comfy.model_management as mm
@@ -47,15 +47,9 @@ def list_models() -> list[str]:
 
 
 def resolve_model(name: str) -> Path | None:
-    """The checkpoint folder called ``name``; failing that any folder of that name (so that loading it explains what
-    is wrong with it); None when no root has it."""
-    for path in find_model_dirs(model_roots()):
-        if path.name == name:
-            return path
-    for root in model_roots():
-        if (root / name).is_dir():
-            return root / name
-    return None
+    """The folder of the listed model ``name``; None for a name that is not one entry of a model root (an absolute
+    path, ``..``, a path through a folder): see ``ovis_u1.checkpoint.model_dir_named``."""
+    return model_dir_named(name, model_roots())
 
 
 # --------------------------------------------------------------------------------------------- devices, dtypes
