@@ -21,6 +21,7 @@ class UsageError(Exception):
     """A command-line problem found before any model is loaded; printed as one ``error:`` line."""
 
 from .checkpoint import default_model_roots, find_model_dirs
+from .operations import WEIGHT_DTYPES
 
 
 def resolve_model(explicit: str | None) -> Path | None:
@@ -283,9 +284,10 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     common.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     common.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash_attn", "math"])
-    common.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn", "fp8_e5m2"],
+    common.add_argument("--weight-dtype", default="default", choices=list(WEIGHT_DTYPES),
                         help="storage of the LLM, visual encoder and MMDiT weights; fp8 halves their memory and "
-                             "computes in --dtype (the VAE is never fp8)")
+                             "computes in --dtype, fp8_e4m3fn_scaled with a scale per matrix (closer to the "
+                             "default's images); the VAE is never fp8")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", parents=[common], help="text-to-image → understanding → edit (smoke run without weights)")
