@@ -21,16 +21,17 @@ import inspect
 import torch
 from torch import nn
 
+from ...ovis_u1 import fp8, operations
 from .host import IN_COMFYUI, load_device, offload_device
 
 if IN_COMFYUI:
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
+    import comfy.quant_ops
 
-# The weight-storage choices of the loader, as ComfyUI's UNETLoader names them; None keeps the compute dtype.
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e5m2": "fp8_e5m2"}
-_TORCH_WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# The loader's weight-storage choices (the library's names) → what the loader passes on; None keeps the compute dtype.
+WEIGHT_DTYPES = {name: None if dtype is None else name for name, dtype in operations.WEIGHT_DTYPES.items()}
 
 
 def patcher_class(disable_dynamic: bool = False):
@@ -50,10 +51,17 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
 
     ``fp8_matmul=False`` refuses ComfyUI's fp8 matmul (``comfy.ops.fp8_ops``, which ``pick_operations`` gives for
     ``--fast`` on a GPU that computes in fp8; ``disable_fast_fp8``): the namespace of the encoder parts, which core
-    builds for its own text encoders with the plain manual cast (comfy/sd1_clip.py); fp8 storage stays as asked."""
-    storage = _TORCH_WEIGHT_DTYPES.get(weight_dtype, compute_dtype) if weight_dtype else compute_dtype
-    manual_cast = None if storage == compute_dtype else compute_dtype
-    ops = comfy.ops.pick_operations(storage, manual_cast, load_device=load_device(), disable_fast_fp8=not fp8_matmul)
+    builds for its own text encoders with the plain manual cast (comfy/sd1_clip.py); fp8 storage stays as asked.
+
+    Scaled fp8 (``ovis_u1.fp8``) takes ComfyUI's quantized layers (``comfy.ops.mixed_precision_ops``, as core loads
+    a scaled-fp8 checkpoint): they multiply in fp8 with the scales exactly where ``pick_operations`` gives the fp8
+    matmul, and otherwise dequantize in their cast."""
+    storage = operations.parse_weight_storage(weight_dtype)
+    stored = storage.dtype or compute_dtype
+    manual_cast = None if stored == compute_dtype else compute_dtype
+    ops = comfy.ops.pick_operations(stored, manual_cast, load_device=load_device(), disable_fast_fp8=not fp8_matmul)
+    if storage.scaled:
+        ops = quantized_operations(compute_dtype, fp8_matmul=ops is comfy.ops.fp8_ops)
 
     class Operations(ops):
         class Embedding(ops.Embedding):
@@ -69,6 +77,34 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
         every_op = staticmethod(getattr(comfy.ops, "run_every_op", lambda: None))  # interrupt check; 0.3.64: none
 
     return Operations
+
+
+def quantized_operations(compute_dtype: torch.dtype, fp8_matmul: bool):
+    """``mixed_precision_ops``, each layer able to hold a scaled-fp8 weight as ComfyUI's quantized tensor: its Linear
+    (and 0.33.0's Embedding) read the stored form themselves, the others wrap it here (their cast dequantizes)."""
+    ops = comfy.ops.mixed_precision_ops({}, compute_dtype, full_precision_mm=not fp8_matmul)
+
+    def holding_quantized(layer):
+        class Layer(layer):
+            def _load_from_state_dict(self, state_dict, prefix, *args):
+                scale = fp8.pop_scale(state_dict, prefix)
+                if scale is not None:
+                    w = state_dict[prefix + "weight"]
+                    params = comfy.quant_ops.TensorCoreFP8E4M3Layout.Params(scale=scale, orig_dtype=compute_dtype,
+                                                                             orig_shape=tuple(w.shape))
+                    state_dict[prefix + "weight"] = comfy.quant_ops.QuantizedTensor(w, "TensorCoreFP8E4M3Layout", params)
+                super()._load_from_state_dict(state_dict, prefix, *args)
+
+        return layer if layer is not getattr(comfy.ops.manual_cast, layer.__name__) else Layer
+
+    class Quantized(ops):
+        class Linear(ops.Linear):
+            casts_weights = True  # its forward always casts (ovis_u1.operations.casts_weights)
+
+        Conv2d = holding_quantized(ops.Conv2d)
+        Embedding = holding_quantized(ops.Embedding)
+
+    return Quantized
 
 
 def cast_free_parameter(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
