@@ -590,8 +590,8 @@ def load_model(
     ``weight_dtype`` (None/"default", torch.float8_e4m3fn/"fp8_e4m3fn", torch.float8_e5m2/"fp8_e5m2",
     "fp8_e4m3fn_scaled") stores the weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see
     :func:`fp8_keys`; the _scaled one in e4m3fn with a scale per matrix made from the checkpoint's weights, see
-    :mod:`ovis_u1.fp8`); compute stays in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``, or the pack's manual cast when
-    ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and visual embedding table's where
+    :mod:`ovis_u1.fp8`); compute stays in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``,
+    or the pack's manual cast when ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and visual embedding table's where
     it differs (None: ``operations``; see :class:`OvisU1`). ``mark_file_slice`` is handed to
     :func:`ovis_u1.checkpoint.load_weights`.
     """

@@ -90,9 +90,9 @@ def quantized_operations(compute_dtype: torch.dtype, fp8_matmul: bool):
                 scale = fp8.pop_scale(state_dict, prefix)
                 if scale is not None:
                     w = state_dict[prefix + "weight"]
-                    params = comfy.quant_ops.TensorCoreFP8E4M3Layout.Params(scale=scale, orig_dtype=compute_dtype,
-                                                                             orig_shape=tuple(w.shape))
-                    state_dict[prefix + "weight"] = comfy.quant_ops.QuantizedTensor(w, "TensorCoreFP8E4M3Layout", params)
+                    layout = comfy.quant_ops.TensorCoreFP8E4M3Layout
+                    params = layout.Params(scale=scale, orig_dtype=compute_dtype, orig_shape=tuple(w.shape))
+                    state_dict[prefix + "weight"] = comfy.quant_ops.QuantizedTensor(w, layout.__name__, params)
                 super()._load_from_state_dict(state_dict, prefix, *args)
 
         return layer if layer is not getattr(comfy.ops.manual_cast, layer.__name__) else Layer
