@@ -138,8 +138,9 @@ class OvisU1LLM(nn.Module):
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct tensors (tied weights count once)."""
-    seen = {t.data_ptr(): t.nelement() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
+    """Bytes of the distinct tensors (tied weights count once), as stored: ``nbytes``, as ComfyUI's ``module_size``
+    counts (a quantized tensor's ``element_size`` is that of the dtype it dequantizes to)."""
+    seen = {t.data_ptr(): t.nbytes for t in [*module.parameters(), *module.buffers()]}
     return sum(seen.values())
 
 

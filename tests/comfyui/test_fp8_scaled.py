@@ -65,6 +65,15 @@ def test_every_scaled_matrix_is_a_comfyui_quantized_tensor_with_the_library_scal
     assert not others, f"quantized outside the fp8 matrices: {others[:5]}"
 
 
+def test_comfyui_counts_the_scaled_weights_as_fp8_bytes(comfy):  # noqa: F811
+    """The patchers' sizes (what ComfyUI budgets memory by) are those of fp8 storage: a quantized tensor's
+    ``element_size`` is that of the dtype it dequantizes to, its ``nbytes`` the stored bytes."""
+    scaled_encoder, scaled_model, scaled_vae = load(comfy["pack"], dtype="bf16", weight_dtype=SCALED)
+    encoder, model, vae = load(comfy["pack"], dtype="bf16", weight_dtype="fp8_e4m3fn")
+    assert scaled_encoder.patcher.size == encoder.patcher.size
+    assert scaled_model.size == model.size and scaled_vae.patcher.size == vae.patcher.size
+
+
 @pytest.fixture(scope="module")
 def scaled_fp32(comfy):  # noqa: F811
     """Scaled fp8 weights computed in fp32 (the golden bound's setting): (encoder, MODEL, VAE)."""
