@@ -620,12 +620,17 @@ def load_model(
                 return stored if storage.scaled else weight_dtype
             return dtype
 
+        # Scaled matrices are read as stored and scaled once all are read (as the state dict reaches the layers),
+        # on the CPU: read onto a GPU they would all sit there in the file's dtype first (bf16: twice fp8's bytes).
+        read_on = torch.device("cpu") if storage.scaled else device
         if storage.scaled:
             model.register_load_state_dict_pre_hook(
                 lambda _, state, *args: fp8.scale_state(state, stored_in_fp8)
             )
-        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key, expected=shapes,
+        load_weights(model, directory, read_on, dtype_for, rename=legacy_vae_key, expected=shapes,
                      mark_file_slice=mark_file_slice)
+    if read_on != device:
+        model.to(device)
     for module in model.modules():  # fp8 tables give their rows in the compute dtype
         if isinstance(module, manual_cast.Embedding):
             module.compute_dtype = dtype

@@ -101,6 +101,19 @@ def test_scaled_storage_stores_the_same_matrices_as_fp8_each_with_its_scale():
     assert isinstance(scaled.vte, manual_cast.Embedding) and scaled.vte.weight_scale is not None
 
 
+def test_onto_another_device_the_matrices_are_scaled_on_the_cpu_and_moved(monkeypatch):
+    """A GPU is another device; "meta" stands in for it here: the weights are read and scaled on the CPU (none is
+    read onto the device in the file's dtype), then the model moves."""
+    read_on = []
+    real = ovis_u1.model.load_weights
+    monkeypatch.setattr(ovis_u1.model, "load_weights", lambda m, d, device, *a, **k: read_on.append(device) or
+                        real(m, d, device, *a, **k))
+    model = ovis_u1.load_model(CHECKPOINT, device="meta", dtype=torch.bfloat16, weight_dtype=SCALED_FP8)
+    assert read_on == [torch.device("cpu")]
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    assert model.mmdit.img_in.weight.dtype == torch.float8_e4m3fn and model.mmdit.img_in.weight_scale.shape == ()
+
+
 # ---------------------------------------------------------------------------------------------- golden renders
 
 def deviation(image, case: str) -> tuple[float, int]:
