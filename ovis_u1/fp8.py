@@ -88,3 +88,10 @@ def pop_scale(state: dict[str, Tensor], prefix: str) -> Tensor | None:
     state.pop(prefix + MARKER_KEY, None)
     return state.pop(prefix + SCALE_KEY, None)
 
+
+def hold_scaled(state: dict[str, Tensor], prefix: str, make) -> None:
+    """A layer's scaled entries in ``state`` replaced by the one weight ``make(values, scale)`` (a host's quantized
+    tensor, for layers that do not read the stored form themselves)."""
+    scale = pop_scale(state, prefix)
+    if scale is not None:
+        state[prefix + "weight"] = make(state[prefix + "weight"], scale)

@@ -52,10 +52,7 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
     ``fp8_matmul=False`` refuses ComfyUI's fp8 matmul (``comfy.ops.fp8_ops``, which ``pick_operations`` gives for
     ``--fast`` on a GPU that computes in fp8; ``disable_fast_fp8``): the namespace of the encoder parts, which core
     builds for its own text encoders with the plain manual cast (comfy/sd1_clip.py); fp8 storage stays as asked.
-
-    Scaled fp8 (``ovis_u1.fp8``) takes ComfyUI's quantized layers (``comfy.ops.mixed_precision_ops``, as core loads
-    a scaled-fp8 checkpoint): they multiply in fp8 with the scales exactly where ``pick_operations`` gives the fp8
-    matmul, and otherwise dequantize in their cast."""
+    Scaled fp8 takes the quantized layers core loads its scaled-fp8 checkpoints with, their fp8 matmul where that is."""
     storage = operations.parse_weight_storage(weight_dtype)
     stored = storage.dtype or compute_dtype
     manual_cast = None if stored == compute_dtype else compute_dtype
@@ -80,19 +77,19 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
 
 
 def quantized_operations(compute_dtype: torch.dtype, fp8_matmul: bool):
-    """``mixed_precision_ops``, each layer able to hold a scaled-fp8 weight as ComfyUI's quantized tensor: its Linear
-    (and 0.33.0's Embedding) read the stored form themselves, the others wrap it here (their cast dequantizes)."""
+    """``mixed_precision_ops``: its Linear (and 0.33.0's Embedding) read scaled fp8 themselves; the other layers hold
+    it as ComfyUI's quantized tensor too, which their cast dequantizes."""
     ops = comfy.ops.mixed_precision_ops({}, compute_dtype, full_precision_mm=not fp8_matmul)
+    layout = comfy.quant_ops.TensorCoreFP8E4M3Layout
+
+    def quantized(values, scale):
+        params = layout.Params(scale=scale, orig_dtype=compute_dtype, orig_shape=tuple(values.shape))
+        return comfy.quant_ops.QuantizedTensor(values, layout.__name__, params)
 
     def holding_quantized(layer):
         class Layer(layer):
             def _load_from_state_dict(self, state_dict, prefix, *args):
-                scale = fp8.pop_scale(state_dict, prefix)
-                if scale is not None:
-                    w = state_dict[prefix + "weight"]
-                    layout = comfy.quant_ops.TensorCoreFP8E4M3Layout
-                    params = layout.Params(scale=scale, orig_dtype=compute_dtype, orig_shape=tuple(w.shape))
-                    state_dict[prefix + "weight"] = comfy.quant_ops.QuantizedTensor(w, layout.__name__, params)
+                fp8.hold_scaled(state_dict, prefix, quantized)
                 super()._load_from_state_dict(state_dict, prefix, *args)
 
         return layer if layer is not getattr(comfy.ops.manual_cast, layer.__name__) else Layer
