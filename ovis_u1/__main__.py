@@ -22,6 +22,7 @@ from . import inputs, prompts
 from .checkpoint import default_model_roots, find_model_dirs
 from .errors import CheckpointError, OvisU1InputError
 from .model import load_model
+from .operations import WEIGHT_DTYPES
 from .smoke import build_smoke_model, is_smoke_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -271,9 +272,10 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     common.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     common.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash_attn", "math"])
-    common.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn", "fp8_e5m2"],
+    common.add_argument("--weight-dtype", default="default", choices=list(WEIGHT_DTYPES),
                         help="storage of the LLM, visual encoder and MMDiT weights; fp8 halves their memory and "
-                             "computes in --dtype (the VAE is never fp8)")
+                             "computes in --dtype, fp8_e4m3fn_scaled with a scale per matrix (closer to the "
+                             "default's images); the VAE is never fp8")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", parents=[common], help="text-to-image → understanding → edit (smoke run without weights)")

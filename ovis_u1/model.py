@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import prompts
+from . import fp8, prompts
 from . import attention as attention_kernels
 from .checkpoint import MarkFileSlice, check_directory, load_weights, reading_ahead
 from .config import OvisU1Params, load_params
@@ -44,7 +44,7 @@ from .truncation import check_truncation
 from .llm import TokenSampling, build_llm, condition_states, generate
 from .mmdit import MMDiT
 from .multimodal import merge_multimodal
-from .operations import casts_weights, cast_weights_of, compute_dtype, manual_cast, parse_weight_dtype
+from .operations import casts_weights, cast_weights_of, compute_dtype, manual_cast, parse_weight_storage
 from .preprocess import (
     condition_image,
     edit_target_size,
@@ -601,14 +601,16 @@ def load_model(
     """Load an Ovis-U1 checkpoint folder (Hugging Face layout). The VAE is kept in fp32 (the official decode runs
     in fp32 on CUDA); everything else computes in ``dtype`` (default bf16 where supported, else fp32).
 
-    ``weight_dtype`` (None/"default", torch.float8_e4m3fn/"fp8_e4m3fn", torch.float8_e5m2/"fp8_e5m2") stores the
-    weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see :func:`fp8_keys`); compute stays
-    in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``, or the pack's manual cast when
-    ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and visual embedding table's where
+    ``weight_dtype`` (None/"default", torch.float8_e4m3fn/"fp8_e4m3fn", torch.float8_e5m2/"fp8_e5m2",
+    "fp8_e4m3fn_scaled") stores the weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see
+    :func:`fp8_keys`; the _scaled one in e4m3fn with a scale per matrix made from the checkpoint's weights, see
+    :mod:`ovis_u1.fp8`); compute stays in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``,
+    or the pack's manual cast when ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and visual embedding table's where
     it differs (None: ``operations``; see :class:`OvisU1`). ``mark_file_slice`` is handed to
     :func:`ovis_u1.checkpoint.load_weights`.
     """
-    weight_dtype = parse_weight_dtype(weight_dtype)
+    storage = parse_weight_storage(weight_dtype)
+    weight_dtype = storage.dtype
     operations = _operations_for(weight_dtype, operations, "operations")
     if encoder_operations is not None:
         encoder_operations = _operations_for(weight_dtype, encoder_operations, "encoder_operations")
@@ -629,14 +631,26 @@ def load_model(
         def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
             if key.startswith("visual_generator.vae."):
                 return torch.float32
-            return weight_dtype if key in stored_in_fp8 else dtype
+            if key in stored_in_fp8:  # a scaled matrix is read as stored and scaled from its own values
+                return stored if storage.scaled else weight_dtype
+            return dtype
 
-        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key, expected=shapes,
+        # Scaled matrices are read as stored and scaled once all are read (as the state dict reaches the layers),
+        # on the CPU: read onto a GPU they would all sit there in the file's dtype first (bf16: twice fp8's bytes).
+        read_on = torch.device("cpu") if storage.scaled else device
+        if storage.scaled:
+            model.register_load_state_dict_pre_hook(
+                lambda _, state, *args: fp8.scale_state(state, stored_in_fp8)
+            )
+        load_weights(model, directory, read_on, dtype_for, rename=legacy_vae_key, expected=shapes,
                      mark_file_slice=mark_file_slice)
+    if read_on != device:
+        model.to(device)
     for module in model.modules():  # fp8 tables give their rows in the compute dtype
         if isinstance(module, manual_cast.Embedding):
             module.compute_dtype = dtype
     model.eval()
     model.source = str(directory)
     model.weight_dtype = weight_dtype
+    model.weight_storage = storage
     return model

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fp8
 from .errors import OvisU1InputError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+SCALED_FP8 = "fp8_e4m3fn_scaled"  # e4m3fn with a scale per matrix (ovis_u1/fp8.py)
+# The weight-storage choices (loader ``weight_dtype``, ``load_model``, CLI ``--weight-dtype``) and the dtype each stores
+# the matrices in; None keeps the compute dtype. The one list: the ComfyUI loader's options are these names.
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+                 SCALED_FP8: fp8.SCALED_DTYPE}
 
 
 def cast_like(t: Tensor | None, x: Tensor) -> Tensor | None:
@@ -30,6 +36,15 @@ def cast_like(t: Tensor | None, x: Tensor) -> Tensor | None:
     if t is None:
         return None
     return t.to(device=x.device, dtype=x.dtype)
+
+
+def cast_weight(layer: nn.Module, x: Tensor) -> Tensor:
+    """A layer's weight as ``x`` computes with it: cast like ``x``, times the layer's ``weight_scale`` where it is
+    stored as scaled fp8 (:mod:`ovis_u1.fp8`)."""
+    scale = getattr(layer, fp8.SCALE_KEY, None)
+    if scale is None:
+        return cast_like(layer.weight, x)
+    return fp8.dequantize(layer.weight.to(x.device), scale, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -55,7 +70,7 @@ def plain_cast_to(t: Tensor, like: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def plain_cast_weights(layer: nn.Module, like: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
-    yield cast_like(layer.weight, like), cast_like(getattr(layer, "bias", None), like)
+    yield cast_weight(layer, like), cast_like(getattr(layer, "bias", None), like)
 
 
 def cast_to_of(operations) -> Callable[[Tensor, Tensor], Tensor]:
@@ -129,19 +144,36 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return torch.bfloat16 if is_fp8(first) else first
 
 
-def parse_weight_dtype(value) -> torch.dtype | None:
-    """None / "default" → None; "fp8_e4m3fn" / "fp8_e5m2" or the torch dtypes → that fp8 dtype.
+@dataclass(frozen=True)
+class WeightStorage:
+    """A weight-storage choice: the dtype the matrices are stored in (None: the compute dtype) and whether each
+    matrix carries a scale (:mod:`ovis_u1.fp8`)."""
+
+    dtype: torch.dtype | None = None
+    scaled: bool = False
+
+
+def parse_weight_storage(value) -> WeightStorage:
+    """None / "default" → the compute dtype; a name of :data:`WEIGHT_DTYPES` or an fp8 torch dtype → that storage.
 
     Raises ``OvisU1InputError`` naming the choices for anything else.
     """
-    if value is None or value in FP8_DTYPES:
+    if isinstance(value, WeightStorage):
         return value
+    if value is None or value in FP8_DTYPES:
+        return WeightStorage(value)
     if isinstance(value, str) and value in WEIGHT_DTYPES:
-        return WEIGHT_DTYPES[value]
+        return WeightStorage(WEIGHT_DTYPES[value], scaled=value == SCALED_FP8)
     raise OvisU1InputError(
         f"weight_dtype {value!r} is unknown: use one of {', '.join(WEIGHT_DTYPES)} "
-        "(fp8 stores the LLM, visual encoder and MMDiT weights in 8 bits; the VAE never)"
+        "(fp8 stores the LLM, visual encoder and MMDiT weights in 8 bits, the _scaled one with a scale per matrix; "
+        "the VAE never)"
     )
+
+
+def parse_weight_dtype(value) -> torch.dtype | None:
+    """The dtype :func:`parse_weight_storage` stores the matrices in."""
+    return parse_weight_storage(value).dtype
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,36 +181,43 @@ def parse_weight_dtype(value) -> torch.dtype | None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 class CastWeights:
-    """Marker: the layer casts its stored weights to the input's dtype/device in ``forward`` (fp8 storage is safe)."""
+    """Marker: the layer casts its stored weights to the input's dtype/device in ``forward`` (fp8 storage is safe).
+    Its weight may come with a scale (scaled fp8, :mod:`ovis_u1.fp8`), kept as the ``weight_scale`` buffer."""
 
     casts_weights = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        scale = fp8.pop_scale(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if scale is not None:
+            self.register_buffer(fp8.SCALE_KEY, scale)
 
 
 class manual_cast:  # noqa: N801 — a namespace, named like torch.nn and comfy.ops.manual_cast
     """torch.nn layers whose forward casts weight and bias to the input's dtype and device."""
 
-    class Linear(nn.Linear, CastWeights):
+    class Linear(CastWeights, nn.Linear):
         def forward(self, x: Tensor) -> Tensor:
-            return F.linear(x, cast_like(self.weight, x), cast_like(self.bias, x))
+            return F.linear(x, cast_weight(self, x), cast_like(self.bias, x))
 
-    class Conv2d(nn.Conv2d, CastWeights):
+    class Conv2d(CastWeights, nn.Conv2d):
         def forward(self, x: Tensor) -> Tensor:
-            return self._conv_forward(x, cast_like(self.weight, x), cast_like(self.bias, x))
+            return self._conv_forward(x, cast_weight(self, x), cast_like(self.bias, x))
 
-    class GroupNorm(nn.GroupNorm, CastWeights):
+    class GroupNorm(CastWeights, nn.GroupNorm):
         def forward(self, x: Tensor) -> Tensor:
             return F.group_norm(x, self.num_groups, cast_like(self.weight, x), cast_like(self.bias, x), self.eps)
 
-    class LayerNorm(nn.LayerNorm, CastWeights):
+    class LayerNorm(CastWeights, nn.LayerNorm):
         def forward(self, x: Tensor) -> Tensor:
             return F.layer_norm(x, self.normalized_shape, cast_like(self.weight, x), cast_like(self.bias, x),
                                 self.eps)
 
-    class RMSNorm(nn.RMSNorm, CastWeights):
+    class RMSNorm(CastWeights, nn.RMSNorm):
         def forward(self, x: Tensor) -> Tensor:
             return F.rms_norm(x, self.normalized_shape, cast_like(self.weight, x), self.eps)
 
-    class Embedding(nn.Embedding, CastWeights):
+    class Embedding(CastWeights, nn.Embedding):
         """Looks rows up in the stored dtype, then casts only the rows to ``out_dtype``.
 
         An index tensor carries no dtype to follow, so an fp8 table returns ``compute_dtype`` (set by
@@ -195,6 +234,10 @@ class manual_cast:  # noqa: N801 — a namespace, named like torch.nn and comfy.
                                self.scale_grad_by_freq, self.sparse)
             if out_dtype is None and is_fp8(rows.dtype):
                 out_dtype = self.compute_dtype or torch.bfloat16
+            scale = getattr(self, fp8.SCALE_KEY, None)
+            if scale is not None:  # one scale per tensor, or one per row (per_channel)
+                return fp8.dequantize(rows, scale if scale.dim() == 0 else F.embedding(ids, scale.to(ids.device)),
+                                      out_dtype)
             return rows if out_dtype is None else rows.to(out_dtype)
 
 

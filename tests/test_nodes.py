@@ -264,7 +264,7 @@ def test_defaults_are_the_official_demo():
     assert loader["required"]["dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
     assert loader["required"]["dtype"][1]["default"] == "auto"
     assert loader["required"]["attention"][0] == ["auto", "sdpa", "flash_attn"]
-    assert loader["optional"]["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e5m2"]
+    assert loader["optional"]["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_scaled"]
 
 
 # ------------------------------------------------------------------------------------------------------ loader

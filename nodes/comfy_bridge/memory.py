@@ -21,16 +21,17 @@ import inspect
 import torch
 from torch import nn
 
+from ...ovis_u1 import fp8, operations
 from .host import IN_COMFYUI, load_device, offload_device
 
 if IN_COMFYUI:
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
+    import comfy.quant_ops
 
-# The weight-storage choices of the loader, as ComfyUI's UNETLoader names them; None keeps the compute dtype.
-WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e5m2": "fp8_e5m2"}
-_TORCH_WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# The loader's weight-storage choices (the library's names) → what the loader passes on; None keeps the compute dtype.
+WEIGHT_DTYPES = {name: None if dtype is None else name for name, dtype in operations.WEIGHT_DTYPES.items()}
 
 
 def patcher_class(disable_dynamic: bool = False):
@@ -50,10 +51,14 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
 
     ``fp8_matmul=False`` refuses ComfyUI's fp8 matmul (``comfy.ops.fp8_ops``, which ``pick_operations`` gives for
     ``--fast`` on a GPU that computes in fp8; ``disable_fast_fp8``): the namespace of the encoder parts, which core
-    builds for its own text encoders with the plain manual cast (comfy/sd1_clip.py); fp8 storage stays as asked."""
-    storage = _TORCH_WEIGHT_DTYPES.get(weight_dtype, compute_dtype) if weight_dtype else compute_dtype
-    manual_cast = None if storage == compute_dtype else compute_dtype
-    ops = comfy.ops.pick_operations(storage, manual_cast, load_device=load_device(), disable_fast_fp8=not fp8_matmul)
+    builds for its own text encoders with the plain manual cast (comfy/sd1_clip.py); fp8 storage stays as asked.
+    Scaled fp8 takes the quantized layers core loads its scaled-fp8 checkpoints with, their fp8 matmul where that is."""
+    storage = operations.parse_weight_storage(weight_dtype)
+    stored = storage.dtype or compute_dtype
+    manual_cast = None if stored == compute_dtype else compute_dtype
+    ops = comfy.ops.pick_operations(stored, manual_cast, load_device=load_device(), disable_fast_fp8=not fp8_matmul)
+    if storage.scaled:
+        ops = quantized_operations(compute_dtype, fp8_matmul=ops is comfy.ops.fp8_ops)
 
     class Operations(ops):
         class Embedding(ops.Embedding):
@@ -69,6 +74,34 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
         every_op = staticmethod(getattr(comfy.ops, "run_every_op", lambda: None))  # interrupt check; 0.3.64: none
 
     return Operations
+
+
+def quantized_operations(compute_dtype: torch.dtype, fp8_matmul: bool):
+    """``mixed_precision_ops``: its Linear (and 0.33.0's Embedding) read scaled fp8 themselves; the other layers hold
+    it as ComfyUI's quantized tensor too, which their cast dequantizes."""
+    ops = comfy.ops.mixed_precision_ops({}, compute_dtype, full_precision_mm=not fp8_matmul)
+    layout = comfy.quant_ops.TensorCoreFP8E4M3Layout
+
+    def quantized(values, scale):
+        params = layout.Params(scale=scale, orig_dtype=compute_dtype, orig_shape=tuple(values.shape))
+        return comfy.quant_ops.QuantizedTensor(values, layout.__name__, params)
+
+    def holding_quantized(layer):
+        class Layer(layer):
+            def _load_from_state_dict(self, state_dict, prefix, *args):
+                fp8.hold_scaled(state_dict, prefix, quantized)
+                super()._load_from_state_dict(state_dict, prefix, *args)
+
+        return layer if layer is not getattr(comfy.ops.manual_cast, layer.__name__) else Layer
+
+    class Quantized(ops):
+        class Linear(ops.Linear):
+            casts_weights = True  # its forward always casts (ovis_u1.operations.casts_weights)
+
+        Conv2d = holding_quantized(ops.Conv2d)
+        Embedding = holding_quantized(ops.Embedding)
+
+    return Quantized
 
 
 def cast_free_parameter(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -102,8 +135,9 @@ class OvisU1LLM(nn.Module):
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct tensors (tied weights count once)."""
-    seen = {t.data_ptr(): t.nelement() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
+    """Bytes of the distinct tensors (tied weights count once), as stored: ``nbytes``, as ComfyUI's ``module_size``
+    counts (a quantized tensor's ``element_size`` is that of the dtype it dequantizes to)."""
+    seen = {t.data_ptr(): t.nbytes for t in [*module.parameters(), *module.buffers()]}
     return sum(seen.values())
 
 
