@@ -38,6 +38,6 @@ from .loading import load  # noqa: F401
 from .memory import WEIGHT_DTYPES, OvisU1Encoder  # noqa: F401
 
 if IN_COMFYUI:
-    from . import core_model, core_vae, lora, sampling  # noqa: F401
+    from . import lora
 
     lora.install()  # core's LoRA loaders find the MMDiT's layers under the trainers' names

@@ -21,6 +21,8 @@ import inspect
 import torch
 from torch import nn
 
+from ...ovis_u1 import estimates
+
 from .host import IN_COMFYUI, load_device, offload_device
 
 if IN_COMFYUI:
@@ -144,6 +146,16 @@ class OvisU1Encoder:
             for module in (self.model.llm, self.model.visual_tokenizer, self.model.vte):
                 module.execution_device = self.patcher.load_device
         return self.model
+
+    def load_for_understanding(self, images, text: str, max_new_tokens: int):
+        """``load`` with the activations of one Understand request (``estimates.understand_request_memory``)."""
+        return self.load(estimates.understand_request_memory(self.params, images, text, max_new_tokens,
+                                                             self.dtype.itemsize, self.attention))
+
+    def load_for_condition(self, mode: str, width: int, height: int):
+        """``load`` with the activations of one Encode Condition request (``estimates.condition_request_memory``)."""
+        return self.load(estimates.condition_request_memory(self.params, mode, width, height, self.dtype.itemsize,
+                                                            self.attention))
 
     def __repr__(self):
         return f"Ovis-U1 encoder {self.name!r}"
