@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..ovis_u1 import OvisU1InputError
+
 from . import comfy_bridge as bridge
 from .image import to_pil_list
 from .loader import ENCODER_INPUT, Encoder
@@ -56,8 +58,13 @@ class OvisU1Understand(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, encoder, question: str, max_new_tokens: int, sampling: dict, images: dict | None = None,
-                instruction: str = "") -> io.NodeOutput:
+    def execute(cls, encoder, question: str, max_new_tokens: int, sampling: dict | None = None,
+                images: dict | None = None, instruction: str = "", **classic) -> io.NodeOutput:
+        if sampling is None or classic:  # ComfyUI requires a DynamicCombo only when the prompt names it
+            raise OvisU1InputError(
+                f"{', '.join(classic) or 'sampling'}: not this node's API input names (a prompt of the classic "
+                "node?): send sampling 'greedy', or 'sample' with sampling.temperature, sampling.top_p and "
+                "sampling.seed; images go to images.image0, images.image1, ... (README, 'API input names')")
         connected = sorted((images or {}).items(), key=lambda item: int(item[0].removeprefix("image")))
         pictures = [p for name, image in connected for p in to_pil_list(image, f"images.{name}")] or None
         progress = bridge.Progress(max_new_tokens)

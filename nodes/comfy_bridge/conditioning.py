@@ -45,7 +45,7 @@ def conditioning_outputs(condition, reference_latent=None) -> tuple[list, list, 
     outputs = []
     for branch in OUTPUT_BRANCHES[condition.mode].values():
         options = {MARK: {"mode": condition.mode, "branch": branch, "refined": False}}
-        if reference_latent is not None and branch in CONTEXT_BRANCHES:
+        if reference_latent is not None and condition.mode == "edit" and branch in CONTEXT_BRANCHES:
             options["reference_latents"] = [reference_latent]
         outputs.append([[condition.branches[branch].to(intermediate_device()), options]])
     return tuple(outputs)

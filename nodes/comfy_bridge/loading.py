@@ -1,16 +1,9 @@
-"""A checkpoint folder → what the Model Loader gives: the encoder, the MMDiT as a core MODEL, the VAE as a core VAE.
+"""A checkpoint folder → what the Model Loader gives: the encoder, the MMDiT as a core MODEL, the VAE as a core VAE,
+built from ComfyUI's operations on the offload device (ComfyUI moves each part to the GPU when a node uses it).
 
-Inside ComfyUI the model is built from ComfyUI's operations (``memory.comfy_operations``) with the MMDiT class of the
-core MODEL (``core_model.OvisU1MMDiT``), on the offload device: ComfyUI moves each part to the GPU when a node uses it.
-
-Each part's patcher can be rebuilt as ComfyUI rebuilds the models of its own loaders (comfy/sd.py
-``load_checkpoint_guess_config``, ``load_diffusion_model``, ``load_clip``): its ``cached_patcher_init`` is
-``load_patcher`` with the loader's arguments. ``ModelPatcher.clone(disable_dynamic=True)`` (ComfyUI ≥ 0.18) calls it
-with ``disable_dynamic=True`` to get a model that is not under Dynamic VRAM — core's TorchCompileModel, sampling with
-conditioning that carries hooks (``CFGGuider.inner_set_conds``), the multi-GPU CPU option — and multi-GPU deep clones
-call it without. A rebuild loads the whole checkpoint folder again (the loader reads it as one module) and keeps the
-one part: for the time of the call it costs what the Model Loader costs, and the new part stays as large as the
-loaded one.
+Each part's patcher is rebuildable as core's loaders make theirs (comfy/sd.py ``load_diffusion_model``): its
+``cached_patcher_init`` is ``load_patcher`` with the loader's arguments, which ``ModelPatcher.clone(disable_dynamic=
+True)`` (ComfyUI ≥ 0.18) and multi-GPU deep clones call. A rebuild loads the whole folder again and keeps one part.
 """
 
 from __future__ import annotations

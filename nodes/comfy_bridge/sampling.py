@@ -1,13 +1,8 @@
-"""The official Ovis-U1 recipe on ComfyUI's own sampling: the token refiner on CONDITIONING, and one call that does
-what SamplerCustomAdvanced does with euler, the Ovis-U1 schedule and CFG (text-to-image) or dual CFG (edit).
-
-Everything runs through the MODEL's patcher (``comfy.samplers.CFGGuider`` and core's ``Guider_DualCFG``), so LoRAs,
-model patches (``set_model_unet_function_wrapper``, attention overrides), caches and wrappers on the MODEL apply, and
-ComfyUI's model management, progress bar, previews and interruption work as for core models.
-
-Guidance (the official ``generate_img``): text-to-image ``v = uncond + txt_cfg·(cond − uncond)``, CFGGuider with
-cfg = txt_cfg. Edit ``v = no_both + img_cfg·(no_txt − no_both) + txt_cfg·(cond − no_txt)``: DualCFGGuider's regular
-style with cond1 = positive (cond), cond2 = middle (no_txt), cfg_conds = txt_cfg, cfg_cond2_negative = img_cfg.
+"""The official Ovis-U1 recipe on ComfyUI's own sampling (through the MODEL's patcher, so LoRAs, patches, caches,
+progress, previews and interruption work as for core models): the token refiner on CONDITIONING, and one call that
+does what SamplerCustomAdvanced does with euler, the Ovis-U1 schedule and the official guidance (``generate_img``):
+text-to-image ``uncond + txt_cfg·(cond − uncond)`` = CFGGuider(cfg=txt_cfg); edit ``no_both + img_cfg·(no_txt −
+no_both) + txt_cfg·(cond − no_txt)`` = DualCFGGuider's regular style (cond1 = positive, cond2 = middle).
 """
 
 from __future__ import annotations

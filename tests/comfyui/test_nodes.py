@@ -480,6 +480,13 @@ def test_understand_rejects_an_image_that_is_no_image(encoder):
     assert_understands(encoder)
 
 
+# ------------------------------------------------------------------------------------------------- scheduler
+def test_the_scheduler_at_denoise_0_needs_no_model():
+    """As BasicScheduler: nothing to denoise, no SIGMAS (the node decides it before it reads the MODEL)."""
+    (sigmas,) = run("OvisU1Scheduler", model=None, latent=None, denoise=0.0)
+    assert sigmas.numel() == 0
+
+
 # ----------------------------------------------------------------------------------------- progress, interrupt
 class Interrupted(Exception):
     pass
