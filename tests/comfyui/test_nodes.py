@@ -365,6 +365,31 @@ def test_understand_sampling_is_seeded(encoder):
     assert first == again
 
 
+REWRITE = "Rewrite the user's short image prompt as one detailed paragraph. Answer with the rewritten prompt only."
+
+
+def test_understand_passes_the_instruction(encoder):
+    (answer,), ui = run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=4,
+                        instruction=REWRITE)
+    assert ui["text"] == (answer,)
+    assert answer == encoder.model.understand([], "a red fox", max_new_tokens=4, instruction=REWRITE).text
+    (plain,), _ = run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=4)
+    (empty,), _ = run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=4, instruction="")
+    assert plain == empty
+
+
+def test_understand_refuses_a_bad_instruction(encoder):
+    raises(lambda: run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=1, instruction=7),
+           "instruction")
+
+
+def test_understand_offers_the_instruction_last():
+    """The newest widget comes after every older one."""
+    assert NODES["OvisU1Understand"].GET_SCHEMA().inputs[-1].id == "instruction"
+    kind, options = spec_of("OvisU1Understand", "instruction")
+    assert kind == "STRING" and options["default"] == "" and options["multiline"] and options["tooltip"]
+
+
 # --------------------------------------------------------------------------------------------- encode condition
 def assert_mark(entries, mode: str, branch: str):
     assert isinstance(entries, list) and len(entries) == 1
