@@ -22,7 +22,7 @@ import math
 import pytest
 
 from tests.pack import COMFYUI_PATH, node_classes
-from tests.test_workflows import NAMES, SIZE_SOURCE, load_workflow, nodes_of, topological
+from tests.test_workflows import NAMES, SIZE_SOURCE, load_workflow, nodes_of
 
 if not COMFYUI_PATH:
     pytest.skip("in-ComfyUI tests need COMFYUI_PATH", allow_module_level=True)
