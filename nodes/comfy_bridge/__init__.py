@@ -7,13 +7,11 @@ ComfyUI's samplers, ``lora`` lets core's LoRA loaders find the MMDiT's layers un
 them, ``attention`` hands ComfyUI's attention selection to the library.
 """
 
+from . import lora
 from .host import (  # noqa: F401  (the bridge's public names)
     IN_COMFYUI, Progress, auto_dtype, latent_size, list_models, model_roots, register_model_folder, resolve_model,
 )
 from .loading import load  # noqa: F401
 from .memory import WEIGHT_DTYPES, OvisU1Encoder  # noqa: F401
 
-if IN_COMFYUI:
-    from . import lora
-
-    lora.install()  # core's LoRA loaders find the MMDiT's layers under the trainers' names
+lora.install()  # core's LoRA loaders find the MMDiT's layers under the trainers' names
