@@ -1,5 +1,8 @@
-"""The ComfyUI nodes of ComfyUI-Ovis-U1. Each node reads its inputs, calls the library or the bridge, and returns
-ComfyUI's own types (MODEL, VAE, CONDITIONING, LATENT, IMAGE) besides the encoder."""
+"""The ComfyUI nodes of ComfyUI-Ovis-U1, in ComfyUI's V3 schema (``comfy_api.latest``). Each node reads its inputs,
+calls the library or the bridge, and returns ComfyUI's own types (MODEL, VAE, CONDITIONING, LATENT, IMAGE) besides
+the encoder."""
+
+from comfy_api.latest import ComfyExtension
 
 from . import comfy_bridge
 from .condition import OvisU1EncodeCondition, OvisU1Refiner
@@ -10,24 +13,14 @@ from .understand import OvisU1Understand
 
 comfy_bridge.register_model_folder()
 
-NODE_CLASS_MAPPINGS = {
-    "OvisU1ModelLoader": OvisU1ModelLoader,
-    "OvisU1Understand": OvisU1Understand,
-    "OvisU1EncodeCondition": OvisU1EncodeCondition,
-    "OvisU1Refiner": OvisU1Refiner,
-    "OvisU1EditContextEncoder": OvisU1EditContextEncoder,
-    "OvisU1Sampler": OvisU1Sampler,
-    "OvisU1Scheduler": OvisU1Scheduler,
-}
+NODES = [OvisU1ModelLoader, OvisU1Understand, OvisU1EncodeCondition, OvisU1Refiner, OvisU1EditContextEncoder,
+         OvisU1Sampler, OvisU1Scheduler]
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "OvisU1ModelLoader": "Ovis-U1 Model Loader",
-    "OvisU1Understand": "Ovis-U1 Understand",
-    "OvisU1EncodeCondition": "Ovis-U1 Encode Condition",
-    "OvisU1Refiner": "Ovis-U1 Refiner",
-    "OvisU1EditContextEncoder": "Ovis-U1 Edit Context Encoder",
-    "OvisU1Sampler": "Ovis-U1 MMDiT Sampler",
-    "OvisU1Scheduler": "Ovis-U1 Scheduler",
-}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+class OvisU1Extension(ComfyExtension):
+    async def get_node_list(self):
+        return NODES
+
+
+async def comfy_entrypoint() -> OvisU1Extension:
+    return OvisU1Extension()

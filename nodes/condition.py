@@ -2,126 +2,110 @@
 
 from __future__ import annotations
 
-import dataclasses
+from comfy_api.latest import io
 
-from ..ovis_u1 import OvisU1InputError, estimates
+from ..ovis_u1 import OvisU1InputError
 
 from . import comfy_bridge as bridge
-from .comfy_bridge.conditioning import conditioning_outputs
+from .comfy_bridge import conditioning, sampling
 from .image import to_pil
-from .loader import ENCODER_TYPE
+from .loader import ENCODER_INPUT, Encoder
 
+# A plain combo and optional sockets, not a DynamicCombo: the frontends of ComfyUI 0.18.1 (1.42) and 0.33.0 (1.49)
+# fail to build a node whose DynamicCombo shows a link input for its default option (README, "Encode Condition").
 MODES = {"text-to-image": "t2i", "edit": "edit"}
-
-
-class OvisU1EncodeCondition:
-    DESCRIPTION = (
-        "Runs the prompt (and for an edit the source image) through Ovis-U1's visual encoder and LLM once, giving "
-        "the CONDITIONING of every classifier-free-guidance branch the mode needs: text-to-image prompt and "
-        "unconditional; edit prompt, image-only and unconditional, the first two carrying the source latent."
-    )
-    CATEGORY = "Ovis-U1"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "middle", "negative")
-    OUTPUT_TOOLTIPS = (
+EDIT_INPUTS = "an edit needs the 'resized_image' and the 'context' of 'Ovis-U1 Edit Context Encoder': connect both"
+BRANCH_OUTPUTS = [
+    io.Conditioning.Output(display_name="positive", tooltip=(
         "The prompt branch (official 'cond'): positive of 'Ovis-U1 MMDiT Sampler', CFGGuider, KSampler; cond1 of "
-        "DualCFGGuider.",
+        "DualCFGGuider.")),
+    io.Conditioning.Output(display_name="middle", tooltip=(
         "The image-only branch of an edit (official 'no_txt', with the source latent): middle of the MMDiT Sampler, "
-        "cond2 of DualCFGGuider. Text-to-image has none: the same as negative.",
-        "The unconditional branch (official 'no_both'): negative of every sampler and guider.",
-    )
-    FUNCTION = "encode"
+        "cond2 of DualCFGGuider. Text-to-image has none: the same as negative.")),
+    io.Conditioning.Output(display_name="negative", tooltip=(
+        "The unconditional branch (official 'no_both'): negative of every sampler and guider.")),
+]
+
+
+class OvisU1EncodeCondition(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OvisU1EncodeCondition", display_name="Ovis-U1 Encode Condition", category="Ovis-U1",
+            description=(
+                "Runs the prompt (and for an edit the source image) through Ovis-U1's visual encoder and LLM once, "
+                "giving the CONDITIONING of every classifier-free-guidance branch the mode needs: text-to-image "
+                "prompt and unconditional; edit prompt, image-only and unconditional, the first two carrying the "
+                "source latent."
+            ),
+            search_aliases=["text encode", "prompt", "instruct edit", "image edit", "text to image", "unified"],
+            inputs=[
+                Encoder.Input("encoder", **ENCODER_INPUT),
+                io.String.Input("prompt", multiline=True, default="", tooltip=(
+                    "What the image should show (text-to-image) or how to change the image (edit).")),
+                io.Combo.Input("mode", options=list(MODES), default="text-to-image", tooltip=(
+                    "text-to-image: draw from the prompt on a white canvas of the latent's size. edit: change the "
+                    "image as the prompt says.")),
+                io.Latent.Input("latent", optional=True, tooltip=(
+                    "Text-to-image: the latent you will sample (e.g. EmptyLatentImage); its size is the canvas the "
+                    "prompt is drawn on. Not used for an edit.")),
+                io.Image.Input("image", optional=True, tooltip=(
+                    "Edit: the 'resized_image' of 'Ovis-U1 Edit Context Encoder' (one image).")),
+                io.Latent.Input("context", optional=True, tooltip=(
+                    "Edit: the 'context' of 'Ovis-U1 Edit Context Encoder' (the source latent), attached to "
+                    "positive and middle.")),
+            ],
+            outputs=BRANCH_OUTPUTS,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "encoder": (ENCODER_TYPE, {"tooltip": "The 'encoder' output of 'Ovis-U1 Model Loader'."}),
-                "prompt": ("STRING", {
-                    "multiline": True, "default": "",
-                    "tooltip": "What the image should show (text-to-image) or how to change the image (edit).",
-                }),
-                "mode": (list(MODES), {
-                    "default": "text-to-image",
-                    "tooltip": "text-to-image: draw from the prompt on a white canvas of the latent's size. edit: "
-                               "change the image as the prompt says.",
-                }),
-            },
-            "optional": {
-                "latent": ("LATENT", {
-                    "tooltip": "Text-to-image: the latent you will sample (e.g. EmptyLatentImage); its size is the "
-                               "canvas the prompt is drawn on. Not used for an edit.",
-                }),
-                "image": ("IMAGE", {
-                    "tooltip": "Edit: the 'resized_image' of 'Ovis-U1 Edit Context Encoder' (one image).",
-                }),
-                "context": ("LATENT", {
-                    "tooltip": "Edit: the 'context' of 'Ovis-U1 Edit Context Encoder' (the source latent), attached "
-                               "to positive and middle.",
-                }),
-            },
-        }
-
-    def encode(self, encoder, prompt, mode="text-to-image", latent=None, image=None, context=None):
-        if mode not in MODES:
-            raise OvisU1InputError(f"mode {mode!r} is unknown: use one of {', '.join(MODES)}")
-        mode = MODES[mode]
-        source = reference = None
-        if mode == "t2i":
+    def execute(cls, encoder, prompt: str, mode: str, latent=None, image=None, context=None) -> io.NodeOutput:
+        if MODES[mode] == "t2i":
             if latent is None:
                 raise OvisU1InputError("latent: text-to-image draws on a canvas of the latent's size: connect the "
                                        "latent you will sample (e.g. EmptyLatentImage)")
             width, height = bridge.latent_size(latent, "latent")
-        else:
-            if image is None or context is None:
-                missing = "image" if image is None else "context"
-                raise OvisU1InputError(f"{missing}: an edit needs the 'resized_image' and the 'context' of 'Ovis-U1 "
-                                       "Edit Context Encoder': connect both")
-            width, height = bridge.latent_size(context, "context")
-            source = to_pil(image, "image")
-            reference = context["samples"][:1]
-        memory = estimates.condition_request_memory(encoder.params, mode, width, height,
-                                                    bridge.dtype_size(encoder.dtype), encoder.attention)
-        ovis = encoder.load(memory)
-        condition = ovis.encode_condition(prompt, mode, image=source, width=width, height=height)
-        device = bridge.intermediate_device()
-        condition = dataclasses.replace(condition, branches={name: states.to(device)
-                                                             for name, states in condition.branches.items()})
-        outputs = conditioning_outputs(condition, reference)
-        return (outputs["positive"], outputs["middle"], outputs["negative"])
+            condition = encoder.load_for_condition("t2i", width, height).encode_condition(
+                prompt, "t2i", width=width, height=height)
+            return io.NodeOutput(*conditioning.conditioning_outputs(condition))
+        if image is None or context is None:
+            raise OvisU1InputError(f"{'image' if image is None else 'context'}: {EDIT_INPUTS}")
+        width, height = bridge.latent_size(context, "context")
+        source = to_pil(image, "image")
+        condition = encoder.load_for_condition("edit", width, height).encode_condition(
+            prompt, "edit", image=source, width=width, height=height)
+        return io.NodeOutput(*conditioning.conditioning_outputs(condition, context["samples"][:1]))
 
 
-class OvisU1Refiner:
-    DESCRIPTION = (
-        "Runs the MMDiT's token refiner (with the MODEL's LoRAs and patches) on Encode Condition's CONDITIONING. It "
-        "does not depend on the timestep, so it runs once per prompt; ComfyUI keeps its result while only the seed "
-        "or the sampler settings change. Optional: the MODEL refines unrefined conditioning by itself."
-    )
-    CATEGORY = "Ovis-U1"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "middle", "negative")
-    OUTPUT_TOOLTIPS = (
-        "The refined prompt branch.",
-        "The refined image-only branch (the refined negative when middle is not connected).",
-        "The refined unconditional branch.",
-    )
-    FUNCTION = "refine"
+class OvisU1Refiner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OvisU1Refiner", display_name="Ovis-U1 Refiner", category="Ovis-U1",
+            description=(
+                "Runs the MMDiT's token refiner (with the MODEL's LoRAs and patches) on Encode Condition's "
+                "CONDITIONING. It does not depend on the timestep, so it runs once per prompt; ComfyUI keeps its "
+                "result while only the seed or the sampler settings change. Optional: the MODEL refines unrefined "
+                "conditioning by itself."
+            ),
+            search_aliases=["token refiner", "refine conditioning"],
+            inputs=[
+                io.Model.Input("model", tooltip="The 'model' output of 'Ovis-U1 Model Loader' (LoRAs applied)."),
+                io.Conditioning.Input("positive", tooltip="'positive' of 'Ovis-U1 Encode Condition'."),
+                io.Conditioning.Input("negative", tooltip="'negative' of 'Ovis-U1 Encode Condition'."),
+                io.Conditioning.Input("middle", optional=True,
+                                      tooltip="'middle' of 'Ovis-U1 Encode Condition' (edits)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="The refined prompt branch."),
+                io.Conditioning.Output(display_name="middle", tooltip=(
+                    "The refined image-only branch (the refined negative when middle is not connected).")),
+                io.Conditioning.Output(display_name="negative", tooltip="The refined unconditional branch."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The 'model' output of 'Ovis-U1 Model Loader' (LoRAs applied)."}),
-                "positive": ("CONDITIONING", {"tooltip": "'positive' of 'Ovis-U1 Encode Condition'."}),
-                "negative": ("CONDITIONING", {"tooltip": "'negative' of 'Ovis-U1 Encode Condition'."}),
-            },
-            "optional": {
-                "middle": ("CONDITIONING", {"tooltip": "'middle' of 'Ovis-U1 Encode Condition' (edits)."}),
-            },
-        }
-
-    def refine(self, model, positive, negative, middle=None):
-        positive = bridge.sampling.refine(model, positive, "positive")
-        negative = bridge.sampling.refine(model, negative, "negative")
-        middle = negative if middle is None else bridge.sampling.refine(model, middle, "middle")
-        return (positive, middle, negative)
+    def execute(cls, model, positive, negative, middle=None) -> io.NodeOutput:
+        positive, negative = sampling.refine(model, positive, "positive"), sampling.refine(model, negative, "negative")
+        middle = negative if middle is None else sampling.refine(model, middle, "middle")
+        return io.NodeOutput(positive, middle, negative)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 
 from ..ovis_u1 import CheckpointError
 
 from . import comfy_bridge as bridge
 
-ENCODER_TYPE = "OVIS_U1_ENCODER"
+Encoder = io.Custom("OVIS_U1_ENCODER")
+ENCODER_INPUT = {"tooltip": "The 'encoder' output of 'Ovis-U1 Model Loader'."}
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "flash_attn")
 
@@ -22,81 +24,65 @@ def _missing_model_message(name: str) -> str:
     )
 
 
-class OvisU1ModelLoader:
-    DESCRIPTION = (
-        "Loads an Ovis-U1 checkpoint folder (Hugging Face layout, e.g. ATH-MaaS/Ovis-U1-3B, formerly "
-        "AIDC-AI/Ovis-U1-3B) from models/ovis_u1. "
-        "Nothing is downloaded. Gives three parts, each joining ComfyUI's memory management (moved to the GPU only "
-        "while a node uses it, partially when it does not fit): the encoder (LLM + visual encoder + tokenizer), the "
-        "MMDiT as a core MODEL and the VAE as a core VAE."
-    )
-    CATEGORY = "Ovis-U1"
-    RETURN_TYPES = (ENCODER_TYPE, "MODEL", "VAE")
-    RETURN_NAMES = ("encoder", "model", "vae")
-    OUTPUT_TOOLTIPS = (
-        "The LLM, visual encoder and tokenizer, for 'Ovis-U1 Understand' and 'Ovis-U1 Encode Condition'.",
-        "The MMDiT as a core MODEL for 'Ovis-U1 MMDiT Sampler' and ComfyUI's own samplers, guiders, LoRA loaders "
-        "(LoraLoaderModelOnly), patches and caches; condition it with 'Ovis-U1 Encode Condition'.",
-        "The checkpoint's VAE as a core VAE (fp32, or ComfyUI's --bf16-vae / --fp16-vae; on ComfyUI's VAE device, "
-        "the CPU with --cpu-vae) for VAEDecode, VAEDecodeTiled, VAEEncode and 'Ovis-U1 Edit Context Encoder'.",
-    )
-    FUNCTION = "load"
+class OvisU1ModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OvisU1ModelLoader", display_name="Ovis-U1 Model Loader", category="Ovis-U1",
+            description=(
+                "Loads an Ovis-U1 checkpoint folder (Hugging Face layout, e.g. ATH-MaaS/Ovis-U1-3B, formerly "
+                "AIDC-AI/Ovis-U1-3B) from models/ovis_u1. Nothing is downloaded. Gives three parts, each joining "
+                "ComfyUI's memory management (moved to the GPU only while a node uses it, partially when it does not "
+                "fit): the encoder (LLM + visual encoder + tokenizer), the MMDiT as a core MODEL and the VAE as a "
+                "core VAE."
+            ),
+            search_aliases=["Ovis", "unified model", "multimodal", "load checkpoint"],
+            inputs=[
+                io.Combo.Input("model", options=bridge.list_models(), tooltip=(
+                    "Checkpoint folder under models/ovis_u1 (or an 'ovis_u1:' path of extra_model_paths.yaml) whose "
+                    "config.json says model_type ovis_u1.")),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip=(
+                    "Weight and compute precision of the LLM, visual encoder and MMDiT (the VAE runs in fp32 unless "
+                    "ComfyUI was started with --bf16-vae / --fp16-vae). auto: what ComfyUI recommends for the device "
+                    "(bf16 on recent GPUs, fp32 on the CPU and on GPUs without bf16, where the console says so: pick "
+                    "fp16 there to halve the memory).")),
+                io.Combo.Input("attention", options=list(ATTENTION), default="auto", tooltip=(
+                    "Attention kernel. auto: ComfyUI's own choice (its --use-*-attention flags and attention patches "
+                    "on the MODEL). sdpa: PyTorch SDPA. flash_attn: the flash-attn package (CUDA only; it must be "
+                    "installed).")),
+                # optional, so API prompts written before this input existed still validate
+                io.Combo.Input("weight_dtype", options=list(bridge.WEIGHT_DTYPES), default="default", optional=True,
+                               tooltip=(
+                    "Storage precision of the LLM, visual encoder and MMDiT weights. fp8_e4m3fn / fp8_e5m2 halve "
+                    "their memory (compute stays in dtype; small quality cost, see README). The VAE is never stored "
+                    "in fp8.")),
+            ],
+            outputs=[
+                Encoder.Output(display_name="encoder", tooltip=(
+                    "The LLM, visual encoder and tokenizer, for 'Ovis-U1 Understand' and 'Ovis-U1 Encode "
+                    "Condition'.")),
+                io.Model.Output(display_name="model", tooltip=(
+                    "The MMDiT as a core MODEL for 'Ovis-U1 MMDiT Sampler' and ComfyUI's own samplers, guiders, LoRA "
+                    "loaders (LoraLoaderModelOnly), patches and caches; condition it with 'Ovis-U1 Encode "
+                    "Condition'.")),
+                io.Vae.Output(display_name="vae", tooltip=(
+                    "The checkpoint's VAE as a core VAE (fp32, or ComfyUI's --bf16-vae / --fp16-vae; on ComfyUI's VAE "
+                    "device, the CPU with --cpu-vae) for VAEDecode, VAEDecodeTiled, VAEEncode and 'Ovis-U1 Edit "
+                    "Context Encoder'.")),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (bridge.list_models(), {
-                    "tooltip": "Checkpoint folder under models/ovis_u1 (or an 'ovis_u1:' path of "
-                               "extra_model_paths.yaml) whose config.json says model_type ovis_u1.",
-                }),
-                "dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "Weight and compute precision of the LLM, visual encoder and MMDiT (the VAE runs in "
-                               "fp32 unless ComfyUI was started with --bf16-vae / --fp16-vae). auto: what ComfyUI "
-                               "recommends for the device (bf16 on recent GPUs, fp32 on the CPU and on GPUs without "
-                               "bf16, where the console says so: pick fp16 there to halve the memory).",
-                }),
-                "attention": (list(ATTENTION), {
-                    "default": "auto",
-                    "tooltip": "Attention kernel. auto: ComfyUI's own choice (its --use-*-attention flags and "
-                               "attention patches on the MODEL). sdpa: PyTorch SDPA. flash_attn: the flash-attn "
-                               "package (CUDA only; it must be installed).",
-                }),
-            },
-            # optional, so API prompts written before this input existed still validate
-            "optional": {
-                "weight_dtype": (list(bridge.WEIGHT_DTYPES), {
-                    "default": "default",
-                    "tooltip": "Storage precision of the LLM, visual encoder and MMDiT weights. fp8_e4m3fn / "
-                               "fp8_e5m2 halve their memory (compute stays in dtype; small quality cost, see "
-                               "README). The VAE is never stored in fp8.",
-                }),
-            },
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, model):
+    def validate_inputs(cls, model):
         # Replaces ComfyUI's "value not in list" check with a message that says where the folder must go.
-        if bridge.resolve_model(model) is None:
-            return _missing_model_message(model)
-        return True
+        return True if bridge.resolve_model(model) is not None else _missing_model_message(model)
 
-    def load(self, model: str, dtype: str = "auto", attention: str = "auto", weight_dtype: str = "default"):
-        path = bridge.resolve_model(model)
-        if path is None:
-            raise CheckpointError(_missing_model_message(model))
-        if dtype not in DTYPES:
-            raise CheckpointError(f"dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
-        if attention not in ATTENTION:
-            raise CheckpointError(f"attention {attention!r} is unknown: use one of {', '.join(ATTENTION)}")
-        if weight_dtype not in bridge.WEIGHT_DTYPES:
-            raise CheckpointError(
-                f"weight_dtype {weight_dtype!r} is unknown: use one of {', '.join(bridge.WEIGHT_DTYPES)}"
-            )
-        storage = bridge.WEIGHT_DTYPES[weight_dtype]
+    @classmethod
+    def execute(cls, model: str, dtype: str, attention: str, weight_dtype: str = "default") -> io.NodeOutput:
         torch_dtype = DTYPES[dtype] or bridge.auto_dtype()
         try:
-            return bridge.load(path, torch_dtype, weight_dtype=storage, attention=attention, name=model)
+            return io.NodeOutput(*bridge.load(bridge.resolve_model(model), torch_dtype,
+                                              weight_dtype=bridge.WEIGHT_DTYPES[weight_dtype], attention=attention,
+                                              name=model))
         except CheckpointError as e:
             raise CheckpointError(f"model {model!r}: {e}") from e

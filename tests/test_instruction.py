@@ -14,8 +14,6 @@ from ovis_u1 import OvisU1InputError, prompts
 from ovis_u1.__main__ import main
 from ovis_u1.truncation import OvisU1TruncationWarning
 from tests.golden import CHECKPOINT, TINY_A, case_params, requires_golden, tensors
-from tests.test_nodes import InputError as NodeInputError
-from tests.test_nodes import run
 
 pytestmark = requires_golden
 
@@ -123,43 +121,8 @@ def test_truncation_names_the_instruction(model):
     assert any("instruction" in note for note in result.warnings)
 
 
-# ------------------------------------------------------------------------------------------ node and CLI
-@pytest.fixture(scope="module")
-def node_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models") / "ovis_u1"
-    root.mkdir()
-    (root / "tiny_a").symlink_to(CHECKPOINT, target_is_directory=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OVIS_U1_MODELS_DIR", str(root))
-        node_model, *_ = run("OvisU1ModelLoader", model="tiny_a")
-        yield node_model
-
-
-def test_understand_node_passes_the_instruction(node_model, model):
-    (answer,), ui = run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=4,
-                        instruction=REWRITE)
-    assert ui["text"][0] == answer
-    assert answer == model.understand([], "a red fox", max_new_tokens=4, instruction=REWRITE).text
-    (plain,), _ = run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=4)
-    (empty,), _ = run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=4, instruction="")
-    assert plain == empty
-
-
-def test_understand_node_refuses_a_bad_instruction(node_model):
-    with pytest.raises(NodeInputError, match="instruction"):  # the pack's own copy of the library's error
-        run("OvisU1Understand", encoder=node_model, question="a red fox", max_new_tokens=1, instruction=7)
-
-
-def test_understand_node_offers_the_instruction_last():
-    """The new widget comes after every older one, so workflows saved before it existed keep their values."""
-    from tests.test_nodes import NODES
-
-    spec = NODES["OvisU1Understand"].INPUT_TYPES()
-    assert list(spec["optional"]) == ["image", "instruction"]
-    kind, options = spec["optional"]["instruction"]
-    assert kind == "STRING" and options["default"] == "" and options["multiline"] and options["tooltip"]
-
-
+# ------------------------------------------------------------------------------------------------- CLI
+# (the Understand node's instruction: tests/comfyui/test_nodes.py)
 def test_cli_takes_an_instruction(capsys, model):
     code = main(["understand", "a red fox", "--model", str(CHECKPOINT), "--device", "cpu", "--dtype", "fp32",
                  "--max-new-tokens", "3", "--instruction", REWRITE])

@@ -50,8 +50,9 @@ def test_only_the_bridge_touches_comfyui():
     for path in sources("nodes"):
         roots = imported_roots(path)
         assert not roots & FORBIDDEN_EVERYWHERE, f"{path.relative_to(ROOT)} imports {sorted(roots & FORBIDDEN_EVERYWHERE)}"
-        if "comfy_bridge" not in path.relative_to(ROOT).parts:
-            assert not roots & COMFY_MODULES, f"{path.relative_to(ROOT)} imports ComfyUI: {sorted(roots & COMFY_MODULES)}"
+        if "comfy_bridge" not in path.relative_to(ROOT).parts:  # the nodes: ComfyUI's public node API only
+            internals = roots & (COMFY_MODULES - {"comfy_api"})
+            assert not internals, f"{path.relative_to(ROOT)} imports ComfyUI: {sorted(internals)}"
 
 
 def test_no_remote_code_or_auto_registry():
@@ -61,19 +62,19 @@ def test_no_remote_code_or_auto_registry():
             assert needle not in text, f"{path.relative_to(ROOT)} uses {needle}"
 
 
-def test_everything_imports_without_comfyui_or_flash_attn():
-    """A fresh interpreter: the library and every node module import with no ComfyUI on the path."""
+def test_the_library_imports_without_comfyui_or_flash_attn():
+    """A fresh interpreter: the library imports with no ComfyUI on the path (the V3 nodes import only inside ComfyUI:
+    tests/comfyui/test_nodes.py)."""
     code = (
         "import sys, importlib; sys.path.insert(0, %r);"
         "import ovis_u1, ovis_u1.__main__, ovis_u1.smoke;"
-        "from tests.pack import import_pack; pack = import_pack();"
         "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules;"
         "assert 'flash_attn' not in sys.modules and 'diffusers' not in sys.modules;"
-        "print(len(pack.NODE_CLASS_MAPPINGS))" % str(ROOT)
+        "print('ok')" % str(ROOT)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "7"
+    assert out.stdout.strip() == "ok"
     assert importlib.import_module("ovis_u1").load_model
 
 

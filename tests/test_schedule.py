@@ -6,7 +6,6 @@ of a longer schedule, the way ComfyUI's BasicScheduler takes it (comfy_extras/no
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ import torch
 from ovis_u1.config import MMDiTParams, load_params
 from ovis_u1.sampling import flow_schedule, flow_sigmas, image_tokens, shift_mu
 from tests.golden import CHECKPOINT, case_params, requires_golden, tensors
-from tests.pack import PACK_NAME, import_pack
 
 
 @requires_golden
@@ -68,15 +66,3 @@ def test_denoise_takes_the_tail_of_a_longer_schedule_as_basic_scheduler_does(ste
     assert sigmas.tolist() == flow_schedule(total, 1024, shift)[-(steps + 1):]
     assert sigmas.shape == (steps + 1,) and sigmas[-1] == 0.0
     assert bool(sigmas[0] < 1.0) == (total > steps)  # 3 / 0.99 rounds down to the whole schedule, as in ComfyUI
-
-
-# ----------------------------------------------------------------------------- the Scheduler node's own part
-def test_the_scheduler_node_checks_its_widgets_before_the_model():
-    """Outside ComfyUI there is no MODEL; what the node decides by itself (the choice, denoise 0) needs none."""
-    import_pack()
-    errors = sys.modules[f"{PACK_NAME}.ovis_u1"]
-    node = sys.modules[PACK_NAME].NODE_CLASS_MAPPINGS["OvisU1Scheduler"]()
-    with pytest.raises(errors.OvisU1InputError, match="timestep_shift 'maybe' is unknown: use one of config, on, off"):
-        node.schedule(None, None, 6, timestep_shift="maybe")
-    (sigmas,) = node.schedule(None, None, 6, denoise=0.0)
-    assert sigmas.numel() == 0  # as BasicScheduler: nothing to denoise

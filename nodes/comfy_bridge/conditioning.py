@@ -10,13 +10,15 @@ The branches (the official ``generate_img`` of Ovis-U1 runs the MMDiT on each an
 text-to-image: cond (prompt) and no_both (unconditional); edit: cond, no_txt (image only) and no_both. The noise of
 cond and no_txt attends to the source latent; no_both sees neither text nor image.
 
-Pure Python (no ComfyUI import): the bridge's model class and the nodes share it.
+The bridge's model class and the nodes share it.
 """
 
 from __future__ import annotations
 
 from ...ovis_u1 import OvisU1InputError
 from ...ovis_u1.sampling import GUIDED_BRANCHES
+
+from .host import intermediate_device
 
 MARK = "ovis_u1"
 OUTPUT_BRANCHES = {
@@ -36,17 +38,17 @@ KNOWN_WIDTHS = {
 }
 
 
-def conditioning_outputs(condition, reference_latent=None) -> dict[str, list]:
-    """positive, middle and negative CONDITIONING of an ``ovis_u1.Condition``; an edit's ``reference_latent`` (raw
-    VAE latent [1, 4, h, w]) goes on the branches that see the source image. Text-to-image has no image-only branch:
-    middle is the unconditional branch there."""
-    outputs = {}
-    for output, branch in OUTPUT_BRANCHES[condition.mode].items():
+def conditioning_outputs(condition, reference_latent=None) -> tuple[list, list, list]:
+    """positive, middle and negative CONDITIONING of an ``ovis_u1.Condition``, on ComfyUI's intermediate device; an
+    edit's ``reference_latent`` (raw VAE latent [1, 4, h, w]) goes on the branches that see the source image.
+    Text-to-image has no image-only branch: middle is the unconditional branch there."""
+    outputs = []
+    for branch in OUTPUT_BRANCHES[condition.mode].values():
         options = {MARK: {"mode": condition.mode, "branch": branch, "refined": False}}
         if reference_latent is not None and condition.mode == "edit" and branch in CONTEXT_BRANCHES:
             options["reference_latents"] = [reference_latent]
-        outputs[output] = [[condition.branches[branch], options]]
-    return outputs
+        outputs.append([[condition.branches[branch].to(intermediate_device()), options]])
+    return tuple(outputs)
 
 
 def describe_foreign(states, options: dict) -> str:
@@ -75,30 +77,24 @@ def mark_of(entry, name: str) -> dict:
     return mark
 
 
-def conditioning_mode(conditioning, name: str) -> str:
-    """The mode (t2i / edit) of every entry of a CONDITIONING; mixed modes are an error."""
-    if not isinstance(conditioning, list) or not conditioning:
-        raise OvisU1InputError(f"{name}: expected a non-empty CONDITIONING from {NODE}")
-    modes = {mark_of(entry, name)["mode"] for entry in conditioning}
-    if len(modes) > 1:
-        raise OvisU1InputError(f"{name}: mixes text-to-image and edit conditioning; encode both in one mode")
-    return modes.pop()
-
-
 def guidance_mode(positive, negative, middle=None) -> str:
     """t2i (CFG over positive/negative) or edit (dual CFG over positive/middle/negative), checked against the
     branches each input carries so that swapped wires are named."""
-    mode = conditioning_mode(positive, "positive")
-    named = {"positive": positive, "negative": negative}
-    if middle is not None:
-        named["middle"] = middle
+    named = {"positive": positive, "negative": negative, **({} if middle is None else {"middle": middle})}
+    marks = {}
     for name, conditioning in named.items():
-        if conditioning_mode(conditioning, name) != mode:
+        if not isinstance(conditioning, list) or not conditioning:
+            raise OvisU1InputError(f"{name}: expected a non-empty CONDITIONING from {NODE}")
+        marks[name] = [mark_of(entry, name) for entry in conditioning]
+        if len({mark["mode"] for mark in marks[name]}) > 1:
+            raise OvisU1InputError(f"{name}: mixes text-to-image and edit conditioning; encode both in one mode")
+    mode = marks["positive"][0]["mode"]
+    for name, found in marks.items():
+        if found[0]["mode"] != mode:
             raise OvisU1InputError(f"{name}: encoded in another mode than positive; encode all three with one "
                                    f"{NODE}")
-        want = OUTPUT_BRANCHES[mode][name]
-        have = {mark_of(entry, name)["branch"] for entry in conditioning}
-        if have != {want}:
+        have = {mark["branch"] for mark in found}
+        if have != {OUTPUT_BRANCHES[mode][name]}:
             got = OUTPUT_BRANCHES[mode]
             source = [out for out in ("positive", "negative", "middle") if got[out] in have and out != name]
             hint = f" (it is the '{source[0]}' output)" if source else ""

@@ -1,16 +1,9 @@
-"""A checkpoint folder → what the Model Loader gives: the encoder, the MMDiT as a core MODEL, the VAE as a core VAE.
+"""A checkpoint folder → what the Model Loader gives: the encoder, the MMDiT as a core MODEL, the VAE as a core VAE,
+built from ComfyUI's operations on the offload device (ComfyUI moves each part to the GPU when a node uses it).
 
-Inside ComfyUI the model is built from ComfyUI's operations (``memory.comfy_operations``) with the MMDiT class of the
-core MODEL (``core_model.OvisU1MMDiT``), on the offload device: ComfyUI moves each part to the GPU when a node uses it.
-
-Each part's patcher can be rebuilt as ComfyUI rebuilds the models of its own loaders (comfy/sd.py
-``load_checkpoint_guess_config``, ``load_diffusion_model``, ``load_clip``): its ``cached_patcher_init`` is
-``load_patcher`` with the loader's arguments. ``ModelPatcher.clone(disable_dynamic=True)`` (ComfyUI ≥ 0.18) calls it
-with ``disable_dynamic=True`` to get a model that is not under Dynamic VRAM — core's TorchCompileModel, sampling with
-conditioning that carries hooks (``CFGGuider.inner_set_conds``), the multi-GPU CPU option — and multi-GPU deep clones
-call it without. A rebuild loads the whole checkpoint folder again (the loader reads it as one module) and keeps the
-one part: for the time of the call it costs what the Model Loader costs, and the new part stays as large as the
-loaded one.
+Each part's patcher is rebuildable as core's loaders make theirs (comfy/sd.py ``load_diffusion_model``): its
+``cached_patcher_init`` is ``load_patcher`` with the loader's arguments, which ``ModelPatcher.clone(disable_dynamic=
+True)`` (ComfyUI ≥ 0.18) and multi-GPU deep clones call. A rebuild loads the whole folder again and keeps one part.
 """
 
 from __future__ import annotations
@@ -20,41 +13,34 @@ import torch
 from ...ovis_u1 import load_model
 
 from . import file_slices
-from .host import IN_COMFYUI, offload_device
+from .attention import comfy_kernel
+from .core_model import OvisU1MMDiT, make_core_model
+from .core_vae import make_core_vae
+from .host import offload_device
 from .memory import OvisU1Encoder, comfy_operations
-
-if IN_COMFYUI:
-    from .attention import comfy_kernel
-    from .core_model import OvisU1MMDiT, make_core_model
-    from .core_vae import make_core_vae
 
 PARTS = ("encoder", "model", "vae")  # the loader's outputs, in order
 
 
 def load_ovis(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto"):
-    """``ovis_u1.load_model`` with ComfyUI's operations and the MMDiT class of the core MODEL (inside ComfyUI) and
-    the weight-storage choice, on the offload device: ComfyUI moves each part to the GPU when a node uses it. With
-    ``attention`` auto the model attends with ComfyUI's selection (its flags); sdpa / flash_attn force the pack's
-    own."""
-    kwargs = {}
-    if IN_COMFYUI:
-        kwargs["operations"] = comfy_operations(dtype, weight_dtype)
-        kwargs["encoder_operations"] = comfy_operations(dtype, weight_dtype, fp8_matmul=False)
-        kwargs["mmdit_class"] = OvisU1MMDiT
-        kwargs["mark_file_slice"] = file_slices.marker()  # Dynamic VRAM reads the weights from their file
-    if weight_dtype is not None:
-        kwargs["weight_dtype"] = weight_dtype
-    ovis = load_model(path, device=offload_device(), dtype=dtype, attention=attention, **kwargs)
-    if IN_COMFYUI and attention == "auto":
+    """``ovis_u1.load_model`` with ComfyUI's operations, the MMDiT class of the core MODEL and the weight-storage
+    choice, on the offload device. With ``attention`` auto the model attends with ComfyUI's selection (its flags);
+    sdpa / flash_attn force the pack's own."""
+    kwargs = {} if weight_dtype is None else {"weight_dtype": weight_dtype}
+    ovis = load_model(path, device=offload_device(), dtype=dtype, attention=attention,
+                      operations=comfy_operations(dtype, weight_dtype),
+                      encoder_operations=comfy_operations(dtype, weight_dtype, fp8_matmul=False),
+                      mmdit_class=OvisU1MMDiT,
+                      mark_file_slice=file_slices.marker(),  # Dynamic VRAM reads the weights from their file
+                      **kwargs)
+    if attention == "auto":
         ovis.set_attention(comfy_kernel())
     return ovis
 
 
 def load(path, dtype: torch.dtype, weight_dtype: str | None = None, attention: str = "auto", name: str = ""):
-    """A checkpoint folder as (encoder, core MODEL, core VAE); outside ComfyUI the last two are None."""
+    """A checkpoint folder as (encoder, core MODEL, core VAE)."""
     ovis = load_ovis(path, dtype, weight_dtype=weight_dtype, attention=attention)
-    if not IN_COMFYUI:
-        return OvisU1Encoder(ovis, attention, name, dtype), None, None
     outputs = tuple(make_part(ovis, part, dtype, attention, name) for part in PARTS)
     for part, output in zip(PARTS, outputs):
         make_rebuildable(patcher_of(output), path, dtype, weight_dtype, attention, part)

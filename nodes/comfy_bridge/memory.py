@@ -21,7 +21,7 @@ import inspect
 import torch
 from torch import nn
 
-from ...ovis_u1 import fp8, operations
+from ...ovis_u1 import estimates, fp8, operations
 from .host import IN_COMFYUI, load_device, offload_device
 
 if IN_COMFYUI:
@@ -153,13 +153,11 @@ class OvisU1Encoder:
         self.attention = attention
         self.name = name
         self.dtype = dtype or torch.float32
-        self.patcher = None
-        if IN_COMFYUI:
-            llm = OvisU1LLM()
-            for part, module in (("llm", model.llm), ("visual_tokenizer", model.visual_tokenizer), ("vte", model.vte)):
-                llm.add_module(part, module)  # the same modules: moving the patcher's model moves the OvisU1's
-            self.patcher = patcher_class(disable_dynamic)(llm, load_device=load_device(),
-                                                          offload_device=offload_device(), size=weight_bytes(llm))
+        llm = OvisU1LLM()
+        for part, module in (("llm", model.llm), ("visual_tokenizer", model.visual_tokenizer), ("vte", model.vte)):
+            llm.add_module(part, module)  # the same modules: moving the patcher's model moves the OvisU1's
+        self.patcher = patcher_class(disable_dynamic)(llm, load_device=load_device(), offload_device=offload_device(),
+                                                      size=weight_bytes(llm))
 
     @property
     def params(self):
@@ -171,13 +169,22 @@ class OvisU1Encoder:
         ``memory_required`` (bytes of activations) lets ComfyUI offload other models first (the MMDiT and the VAE
         included) and load these parts only partially when weights + activations do not fit.
         """
-        if self.patcher is not None:
-            mm.load_models_gpu([self.patcher], memory_required=memory_required)
-            # A partial load leaves some weights on the offload device: tell the library where the parts compute,
-            # so its inputs go to the GPU and the remaining weights are cast there layer by layer.
-            for module in (self.model.llm, self.model.visual_tokenizer, self.model.vte):
-                module.execution_device = self.patcher.load_device
+        mm.load_models_gpu([self.patcher], memory_required=memory_required)
+        # A partial load leaves some weights on the offload device: tell the library where the parts compute, so its
+        # inputs go to the GPU and the remaining weights are cast there layer by layer.
+        for module in (self.model.llm, self.model.visual_tokenizer, self.model.vte):
+            module.execution_device = self.patcher.load_device
         return self.model
+
+    def load_for_understanding(self, images, text: str, max_new_tokens: int):
+        """``load`` with the activations of one Understand request (``estimates.understand_request_memory``)."""
+        return self.load(estimates.understand_request_memory(self.params, images, text, max_new_tokens,
+                                                             self.dtype.itemsize, self.attention))
+
+    def load_for_condition(self, mode: str, width: int, height: int):
+        """``load`` with the activations of one Encode Condition request (``estimates.condition_request_memory``)."""
+        return self.load(estimates.condition_request_memory(self.params, mode, width, height, self.dtype.itemsize,
+                                                            self.attention))
 
     def __repr__(self):
         return f"Ovis-U1 encoder {self.name!r}"

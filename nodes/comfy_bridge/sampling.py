@@ -1,13 +1,8 @@
-"""The official Ovis-U1 recipe on ComfyUI's own sampling: the token refiner on CONDITIONING, and one call that does
-what SamplerCustomAdvanced does with euler, the Ovis-U1 schedule and CFG (text-to-image) or dual CFG (edit).
-
-Everything runs through the MODEL's patcher (``comfy.samplers.CFGGuider`` and core's ``Guider_DualCFG``), so LoRAs,
-model patches (``set_model_unet_function_wrapper``, attention overrides), caches and wrappers on the MODEL apply, and
-ComfyUI's model management, progress bar, previews and interruption work as for core models.
-
-Guidance (the official ``generate_img``): text-to-image ``v = uncond + txt_cfg·(cond − uncond)``, CFGGuider with
-cfg = txt_cfg. Edit ``v = no_both + img_cfg·(no_txt − no_both) + txt_cfg·(cond − no_txt)``: DualCFGGuider's regular
-style with cond1 = positive (cond), cond2 = middle (no_txt), cfg_conds = txt_cfg, cfg_cond2_negative = img_cfg.
+"""The official Ovis-U1 recipe on ComfyUI's own sampling (through the MODEL's patcher, so LoRAs, patches, caches,
+progress, previews and interruption work as for core models): the token refiner on CONDITIONING, and one call that
+does what SamplerCustomAdvanced does with euler, the Ovis-U1 schedule and the official guidance (``generate_img``):
+text-to-image ``uncond + txt_cfg·(cond − uncond)`` = CFGGuider(cfg=txt_cfg); edit ``no_both + img_cfg·(no_txt −
+no_both) + txt_cfg·(cond − no_txt)`` = DualCFGGuider's regular style (cond1 = positive, cond2 = middle).
 """
 
 from __future__ import annotations
@@ -18,8 +13,10 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ...ovis_u1 import OvisU1InputError, estimates
-from ...ovis_u1.inputs import check_cfg, check_seed, check_steps
+from comfy_extras.nodes_custom_sampler import Guider_DualCFG  # core's DualCFGGuider
+
+from ...ovis_u1 import estimates
+from ...ovis_u1.inputs import check_cfg
 from ...ovis_u1.sampling import flow_sigmas
 
 from .host import latent_size
@@ -29,34 +26,29 @@ from .core_model import ovis_model_of
 SAMPLER = "euler"  # the official Euler step x ← x + (t_next − t)·v
 
 
-def _guider_dual_cfg():
-    from comfy_extras.nodes_custom_sampler import Guider_DualCFG  # core's DualCFGGuider (ComfyUI ≥ 0.3.2x)
-
-    return Guider_DualCFG
+def _sigmas(inner, latent, steps: int, timestep_shift: bool | None, denoise: float = 1.0):
+    """The official schedule for the latent's size (``ovis_u1.sampling.flow_sigmas``) of the MODEL's inner model."""
+    width, height = latent_size(latent)
+    return flow_sigmas(inner.diffusion_model.params, width, height, steps, timestep_shift, denoise)
 
 
 def schedule(model, latent, steps: int, timestep_shift: bool | None = None, denoise: float = 1.0):
-    """The official schedule for the latent's size as SIGMAS (``ovis_u1.sampling.flow_sigmas``)."""
-    params = ovis_model_of(model).diffusion_model.params
-    width, height = latent_size(latent)
-    return flow_sigmas(params, width, height, check_steps(steps), timestep_shift, denoise)
+    """The official schedule for the latent's size as SIGMAS (steps: ComfyUI validated the node's range)."""
+    return _sigmas(ovis_model_of(model), latent, steps, timestep_shift, denoise)
 
 
 def sample(model, positive, negative, latent, seed: int, steps: int, txt_cfg: float, img_cfg: float,
            timestep_shift: bool | None = None, middle=None) -> dict:
     """One Ovis-U1 generation on ComfyUI's sampling; returns the LATENT (raw VAE latent)."""
-    ovis_model_of(model)
-    mode = guidance_mode(positive, negative, middle)
-    steps, seed, txt_cfg = check_steps(steps), check_seed(seed), check_cfg("txt_cfg", txt_cfg)
-    sigmas = schedule(model, latent, steps, timestep_shift)
-    if mode == "t2i":
+    sigmas = _sigmas(ovis_model_of(model), latent, steps, timestep_shift)
+    if guidance_mode(positive, negative, middle) == "t2i":
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
-        guider.set_cfg(txt_cfg)
+        guider.set_cfg(check_cfg("txt_cfg", txt_cfg))
     else:
-        guider = _guider_dual_cfg()(model)
+        guider = Guider_DualCFG(model)
         guider.set_conds(positive, middle, negative)
-        guider.set_cfg(txt_cfg, check_cfg("img_cfg", img_cfg))
+        guider.set_cfg(check_cfg("txt_cfg", txt_cfg), check_cfg("img_cfg", img_cfg))
     out = dict(latent)
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))

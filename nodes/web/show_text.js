@@ -1,4 +1,5 @@
-// Shows the answer of "Ovis-U1 Understand" on the node (the node returns {"ui": {"text": [answer]}}).
+// Shows the answer of "Ovis-U1 Understand" on the node: it returns ui.PreviewText ({"text": [answer]}), which
+// ComfyUI's frontend (1.42 with 0.18.1, 1.49 with 0.33.0) draws only on its own PreviewAny node.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 

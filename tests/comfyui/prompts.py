@@ -1,11 +1,13 @@
 """API-format prompts (what the frontend POSTs to /prompt) from the UI-format workflows in ``workflows/``, with the
-widget mapping of tests/test_workflows.py (checked there against the node definitions), and the golden cases'
+widget mapping of tests/comfyui/test_workflows.py (checked there against the node definitions, and against the
+prompt the real frontend builds by tests/comfyui/test_in_comfyui.py's API-name check), and the golden cases'
 settings."""
 
 from __future__ import annotations
 
 from tests.golden import case_params
-from tests.test_workflows import CI_OVERRIDES, Executor, load_workflow, topological
+from tests.comfyui.test_workflows import CI_OVERRIDES, widget_kwargs
+from tests.test_workflows import load_workflow, topological
 
 # The golden t2i case (prompt "a cute cat", 64×64, 3 steps, txt_cfg 5, seed 42) in fp32, by widget name: applied to
 # every node that has an input of that name (width/height: the EmptyLatentImage that sets the size for Encode
@@ -29,7 +31,7 @@ def api_prompt(graph: dict, images: list[str] = (), overrides: dict | None = Non
     images = list(images)
     prompt = {}
     for node in topological(graph):
-        inputs = Executor.widget_kwargs(node)
+        inputs = widget_kwargs(node)
         inputs.update((overrides or {}).get(node["type"], {}))
         inputs.update({k: v for k, v in (by_name or {}).items() if k in inputs})
         if node["type"] == "LoadImage" and images:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.comfyui.test_memory import COMFYUI_PATH, comfy_in_process, load
+from tests.pack import node_classes
 from tests.golden import TINY_A, assert_golden_image, case_params, requires_golden, tensors
 
 pytestmark = [
@@ -74,7 +75,7 @@ def pack_error(pack):
 
 
 def pack_node(comfy, name, **kwargs):
-    return call(comfy["pack"].NODE_CLASS_MAPPINGS[name], **kwargs)
+    return call(node_classes(comfy["pack"])[name], **kwargs)
 
 
 def t2i_inputs(comfy, batch=1, case="t2i"):

@@ -1,10 +1,12 @@
 """The pack inside a real ComfyUI: loaded as ComfyUI loads custom nodes, every example workflow through ComfyUI's
 executor with its core nodes (EmptyLatentImage, VAEDecode, SamplerCustomAdvanced and the guiders, LoadImage,
-SaveImage, PreviewImage, Canny, ImageBatch), the golden text-to-image and edit images through that path, progress and
+SaveImage, PreviewImage, Canny), the golden text-to-image and edit images through that path, progress and
 previews over the websocket (ComfyUI's own sampling callback on the MMDiT Sampler), an interrupt in the middle of
 sampling, and core VAEEncode/VAEDecode on the loader's VAE. CPU, tiny checkpoint."""
 
 from __future__ import annotations
+
+import urllib.request
 
 import numpy as np
 import pytest
@@ -14,11 +16,12 @@ from tests.comfyui.conftest import EDIT_IMAGE, UNDERSTAND_IMAGE
 from tests.comfyui import layers
 from tests.comfyui.prompts import GOLDEN_EDIT, GOLDEN_EDIT_SEEDS, GOLDEN_T2I, nodes_of, workflow_prompt
 from tests.golden import assert_golden_image, manifest, tensors
-from tests.pack import import_pack
+from tests.comfyui.server import PACK_DIR_NAME
+from tests.pack import node_classes
 from tests.test_workflows import WORKFLOWS
 
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-PACK_NODES = sorted(import_pack().NODE_CLASS_MAPPINGS)
+PACK_NODES = sorted(node_classes())
 IMAGES = [EDIT_IMAGE, UNDERSTAND_IMAGE]  # to the LoadImage nodes in execution order (understanding: edit first too)
 
 
@@ -41,8 +44,51 @@ def test_the_pack_loads_as_a_custom_node(comfy):
     missing = [name for name in PACK_NODES if name not in info]
     assert not missing, f"nodes missing from /object_info: {missing}\n{log[-6000:]}"
     assert all("ComfyUI-Ovis-U1" in info[name].get("python_module", "") for name in PACK_NODES)
-    models = info["OvisU1ModelLoader"]["input"]["required"]["model"][0]
+    models = info["OvisU1ModelLoader"]["input"]["required"]["model"][1]["options"]
     assert "Ovis-U1-3B" in models, f"the loader lists {models}, not the checkpoint in models/ovis_u1"
+
+
+def test_the_help_pages_of_the_v3_nodes_are_served(comfy):
+    """WEB_DIRECTORY still serves nodes/web for a pack that registers its nodes through comfy_entrypoint."""
+    for name in PACK_NODES:
+        with urllib.request.urlopen(f"{comfy.url}/extensions/{PACK_DIR_NAME}/docs/{name}.md", timeout=30) as page:
+            assert page.read().decode("utf-8").startswith("# Ovis-U1 "), name
+
+
+@pytest.mark.parametrize("node, name, value", [("OvisU1ModelLoader", "dtype", "fp8"),
+                                               ("OvisU1ModelLoader", "weight_dtype", "fp4"),
+                                               ("OvisU1EncodeCondition", "mode", "inpaint"),
+                                               ("OvisU1Sampler", "timestep_shift", "maybe")])
+def test_comfyui_refuses_a_choice_the_node_does_not_offer(comfy, node, name, value):
+    """The nodes map their choices without checking them again: ComfyUI's validation refuses anything else."""
+    prompt = workflow_prompt("text_to_image")
+    (node_id,) = nodes_of(prompt, node)
+    prompt[node_id]["inputs"][name] = value
+    with pytest.raises(AssertionError, match=rf"(?s)value_not_in_list.*{name}"):
+        comfy.run(prompt)
+
+
+def test_understand_takes_its_inputs_by_their_api_names(comfy):
+    """sampling is a DynamicCombo (its inputs as sampling.temperature, ...), the images an Autogrow (images.image0,
+    ...); an API prompt of the classic node (do_sample, image) is refused with the new names (ComfyUI's validation
+    requires a DynamicCombo only when the prompt names it)."""
+    info = comfy.get("/object_info")["OvisU1Understand"]["input"]
+    assert info["required"]["sampling"][0] == "COMFY_DYNAMICCOMBO_V3"
+    assert info["optional"]["images"][0] == "COMFY_AUTOGROW_V3"
+    prompt = workflow_prompt("multi_image_understanding", IMAGES, by_name={"max_new_tokens": 2})
+    (node,) = nodes_of(prompt, "OvisU1Understand")
+    assert {"images.image0", "images.image1"} <= set(prompt[node]["inputs"])
+    prompt[node]["inputs"].update({"sampling": "sample", "sampling.temperature": 1.5, "sampling.top_p": 0.9,
+                                   "sampling.seed": 3})
+    run = comfy.run(prompt)
+    assert run.status == "success", run.explain()
+    assert len(run.outputs[node]["text"]) == 1  # ui.PreviewText: one text
+    classic = {k: v for k, v in prompt[node]["inputs"].items() if not k.startswith(("sampling", "images."))}
+    prompt[node]["inputs"] = {**classic, "do_sample": False, "image": prompt[node]["inputs"]["images.image0"]}
+    run = comfy.run(prompt)
+    assert run.status == "error", run.explain()
+    message = run.error["exception_message"]  # ComfyUI drops the unknown widget do_sample, passes the link on
+    assert message.startswith("image: not this node's API input names") and "images.image0" in message
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)

@@ -15,9 +15,7 @@ COMFYUI_PATH.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -27,10 +25,7 @@ import torch
 
 from tests.comfyui import layers
 from tests.golden import CHECKPOINT, case_params, requires_golden, tensors
-from tests.pack import ROOT
-
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
-IN_PROCESS_PACK = "comfyui_ovis_u1_in_comfy"
+from tests.pack import COMFYUI_PATH, ROOT, import_pack, node_classes
 
 pytestmark = [
     requires_golden,
@@ -41,23 +36,9 @@ pytestmark = [
 
 # ------------------------------------------------------------------------------------- ComfyUI in this process
 def comfy_in_process(models_root: Path):
-    """Import ComfyUI as ``main.py --cpu`` sets it up (its argument parser is off when imported as a library, so
-    ``args.cpu`` is set before model management reads it), register ``models_root/ovis_u1`` and import the pack the
-    way ComfyUI imports a custom node. Returns the pack module."""
-    root = str(Path(COMFYUI_PATH).expanduser().resolve())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from comfy.cli_args import args
-
-    if "comfy.model_management" not in sys.modules:
-        args.cpu = True
-        args.use_pytorch_cross_attention = True  # the official SDPA's sums (the CPU default is sub-quadratic)
-    import comfy.model_management as mm
-
-    if layers.LAZY:
-        assert layers.build_layers_lazily(), "this ComfyUI has no lazy layers (Dynamic VRAM): run without OVIS_U1_LAZY_LAYERS"
-
-    assert mm.cpu_state == mm.CPUState.CPU, "ComfyUI was imported before these tests could select --cpu"
+    """ComfyUI in this process (``tests.pack.import_pack``) with ``models_root/ovis_u1`` holding the tiny checkpoint as
+    Ovis-U1-3B. Returns the pack module."""
+    pack = import_pack()
     import folder_paths
 
     folder = models_root / "ovis_u1"
@@ -65,20 +46,14 @@ def comfy_in_process(models_root: Path):
     if not (folder / "Ovis-U1-3B").exists():
         (folder / "Ovis-U1-3B").symlink_to(CHECKPOINT)
     folder_paths.add_model_folder_path("ovis_u1", str(folder))
-    if IN_PROCESS_PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(IN_PROCESS_PACK, ROOT / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[IN_PROCESS_PACK] = module
-        spec.loader.exec_module(module)
-    pack = sys.modules[IN_PROCESS_PACK]
-    assert sys.modules[f"{IN_PROCESS_PACK}.nodes.comfy_bridge"].IN_COMFYUI
+    assert sys.modules[f"{pack.__name__}.nodes.comfy_bridge"].IN_COMFYUI
     return pack
 
 
 def load(pack, **widgets):
     """The loader node as the executor calls it: (OVIS_U1_ENCODER, MODEL, VAE)."""
-    loader = pack.NODE_CLASS_MAPPINGS["OvisU1ModelLoader"]()
-    return loader.load(model="Ovis-U1-3B", **{"dtype": "fp32", **widgets})
+    widgets = {"dtype": "fp32", "attention": "auto", **widgets}
+    return node_classes(pack)["OvisU1ModelLoader"].execute(model="Ovis-U1-3B", **widgets).args
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from tests.comfyui.test_generation import call, comfy, pack_node  # noqa: F401  (comfy: fixture)
-from tests.comfyui.test_memory import COMFYUI_PATH
+from tests.comfyui.test_memory import COMFYUI_PATH, load
 from tests.golden import TINY_A, case_params, requires_golden, tensors
 
 pytestmark = [
@@ -143,9 +143,8 @@ def test_auto_dtype_says_once_per_load_that_a_gpu_without_bf16_gets_fp32(comfy, 
 
     monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(mm, "should_use_bf16", lambda *args, **kwargs: bf16)
-    loader = comfy["pack"].NODE_CLASS_MAPPINGS["OvisU1ModelLoader"]()
     with caplog.at_level(logging.INFO):
-        encoder, _, _ = loader.load(model="Ovis-U1-3B", dtype="auto")
+        encoder, _, _ = load(comfy["pack"], dtype="auto")
     notes = [r for r in caplog.records if "dtype auto" in r.getMessage()]
     if bf16:
         assert encoder.dtype == torch.bfloat16 and not notes

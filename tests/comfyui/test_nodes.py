@@ -1,12 +1,10 @@
-"""The ComfyUI nodes without ComfyUI, called the way ComfyUI calls them (the pack imported from its folder like a
-custom node, kwargs built from INPUT_TYPES), on the tiny_a goldens. This is also the check that every node imports
-on the CPU without ComfyUI.
-
-Outside ComfyUI the loader gives only the encoder (MODEL and VAE are core ComfyUI objects): Understand and Encode
-Condition run here, on the goldens; the nodes that need the MODEL or the VAE (MMDiT Sampler, Refiner, Scheduler, Edit
-Context Encoder) are run inside ComfyUI by tests/comfyui/test_generation.py, against the same golden images. The
-pack's nodes raise the pack's own copy of the library's errors (it imports ``ovis_u1`` relatively, as ComfyUI imports
-it), so the errors checked here are that copy's classes."""
+"""The pack's nodes inside ComfyUI (imported in this process, ``--cpu``), called the way ComfyUI's executor calls
+V3 nodes (``execute`` with the inputs as keyword arguments; a DynamicCombo or an Autogrow input as the dict ComfyUI
+builds from its API names), on the tiny_a goldens: Understand and Encode Condition reproduce the golden token ids
+and LLM states, the wiring and bad-input errors name the input (by its API name, e.g. ``mode.context``) and the
+fix. The generating nodes (MMDiT Sampler, Refiner, Scheduler, Edit Context Encoder) reproduce the golden images in
+tests/comfyui/test_generation.py. The pack's nodes raise the pack's own copy of the library's errors (it imports
+``ovis_u1`` relatively, as ComfyUI imports it), so the errors checked here are that copy's classes."""
 
 from __future__ import annotations
 
@@ -20,19 +18,22 @@ import pytest
 import torch
 from PIL import Image
 
-from ovis_u1.checkpoint import MODELS_DIR_ENV
 from tests.golden import CHECKPOINT, TINY_A, assert_golden, case_params, requires_golden, tensors
-from tests.pack import PACK_NAME, ROOT, import_pack
+from tests.pack import COMFYUI_PATH, PACK_NAME, import_pack, node_classes
+
+if not COMFYUI_PATH:
+    pytest.skip("in-ComfyUI tests need COMFYUI_PATH", allow_module_level=True)
 
 CORE_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "CLIP_VISION", "CONTROL_NET", "LATENT", "IMAGE", "MASK", "STRING",
               "INT", "FLOAT", "BOOLEAN", "NOISE", "SAMPLER", "SIGMAS", "GUIDER"}
+DYNAMIC_TYPES = {"COMFY_DYNAMICCOMBO_V3", "COMFY_AUTOGROW_V3"}
 LOADER_OUTPUTS = {"OVIS_U1_ENCODER": "encoder", "MODEL": "model", "VAE": "vae"}
 
 pytestmark = requires_golden
 
 
 PACK = import_pack()
-NODES = PACK.NODE_CLASS_MAPPINGS
+NODES = node_classes(PACK)
 bridge = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge"]
 host = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge.host"]  # where Progress looks up check_interrupt
 library = sys.modules[f"{PACK_NAME}.ovis_u1"]  # the pack's own copy of the library
@@ -41,37 +42,36 @@ CheckpointError = library.CheckpointError
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def kwargs_for(node: str, **given) -> dict:
-    """What ComfyUI passes: every required input (widgets at their default, or a combo's first option unless
-    given), optional inputs only when given (connected)."""
-    spec = NODES[node].INPUT_TYPES()
+def defaults(node: str) -> dict:
+    """The widget inputs at their defaults (a combo at its default or first option; a DynamicCombo at its first
+    option, as the dict ComfyUI hands ``execute``)."""
     kwargs = {}
-    for section in ("required", "optional"):
-        for name, (kind, *rest) in spec.get(section, {}).items():
-            options = rest[0] if rest else {}
-            if name in given:
-                kwargs[name] = given[name]
-            elif section == "required":
-                if "default" in options:
-                    kwargs[name] = options["default"]
-                elif isinstance(kind, list) and kind:
-                    kwargs[name] = kind[0]
-                else:
-                    raise AssertionError(f"{node}.{name} is a required socket: pass it")
-    unknown = set(given) - set(kwargs)
-    assert not unknown, f"{node} has no input(s) {unknown}"
+    for name, (kind, *rest) in NODES[node].INPUT_TYPES()["required"].items():
+        options = rest[0] if rest else {}
+        if kind == "COMFY_DYNAMICCOMBO_V3":
+            kwargs[name] = {name: options["options"][0]["key"]}
+        elif "default" in options:
+            kwargs[name] = options["default"]
+        elif kind == "COMBO" and options["options"]:  # the model list may be empty
+            kwargs[name] = options["options"][0]
     return kwargs
 
 
 def run(node: str, **given):
-    """Call the node's FUNCTION like ComfyUI's executor and return its result tuple (and the ui dict, if any)."""
+    """Call the node's ``execute`` like ComfyUI's executor; its outputs (and its ui dict, for an output node)."""
     cls = NODES[node]
-    out = getattr(cls(), cls.FUNCTION)(**kwargs_for(node, **given))
-    ui = None
-    if isinstance(out, dict):
-        ui, out = out.get("ui"), out["result"]
-    assert isinstance(out, tuple) and len(out) == len(cls.RETURN_TYPES), f"{node} returned {type(out)}"
-    return (out, ui) if cls.__dict__.get("OUTPUT_NODE") else out
+    unknown = set(given) - set(cls.INPUT_TYPES()["required"]) - set(cls.INPUT_TYPES().get("optional", {}))
+    assert not unknown, f"{node} has no input(s) {unknown}"
+    out = cls.execute(**{**defaults(node), **given})
+    assert len(out.args) == len(cls.RETURN_TYPES), f"{node} returned {out.args}"
+    return (out.args, out.ui.as_dict()) if cls.OUTPUT_NODE else out.args
+
+
+def use_model_root(monkeypatch, root: Path) -> None:
+    """ComfyUI's ovis_u1 model folder is ``root`` alone (as an ``ovis_u1:`` line of extra_model_paths.yaml)."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ovis_u1", ([str(root)], set()))
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -117,9 +117,12 @@ def edit_condition(encoder, **given):
     return run("OvisU1EncodeCondition", encoder=encoder, **given)
 
 
-def understand(encoder, **given):
+def understand(encoder, image="golden", **given):
+    """Understand on the golden question; ``image`` on its first image socket (None: none connected)."""
     p = case_params("understand")
-    given = {"image": load_image(TINY_A / "cases" / "understand" / "input.png"), "question": p["question"],
+    if isinstance(image, str) and image == "golden":
+        image = load_image(TINY_A / "cases" / "understand" / "input.png")
+    given = {"images": {} if image is None else {"image0": image}, "question": p["question"],
              "max_new_tokens": p["max_new_tokens"], **given}
     (answer,), ui = run("OvisU1Understand", encoder=encoder, **given)
     return answer, ui
@@ -143,8 +146,8 @@ def raises(fn, *texts: str, error=None) -> str:
 # --------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    """An OVIS_U1_MODELS_DIR with a good checkpoint (symlink), an empty folder, a non-Ovis folder and a checkpoint
-    whose model.safetensors is truncated."""
+    """ComfyUI's ovis_u1 model folder with a good checkpoint (symlink), an empty folder, a non-Ovis folder and a
+    checkpoint whose model.safetensors is truncated."""
     root = tmp_path_factory.mktemp("models") / "ovis_u1"
     root.mkdir()
     (root / "tiny_a").symlink_to(CHECKPOINT, target_is_directory=True)
@@ -157,7 +160,7 @@ def models_dir(tmp_path_factory):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) * 2 // 3])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(MODELS_DIR_ENV, str(root))
+        use_model_root(mp, root)
         yield root
 
 
@@ -188,103 +191,106 @@ def loads(encoder, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- registration
 def test_the_nodes_of_the_pack():
-    assert set(NODES) == {"OvisU1ModelLoader", "OvisU1Understand", "OvisU1EncodeCondition", "OvisU1Refiner",
-                          "OvisU1EditContextEncoder", "OvisU1Sampler", "OvisU1Scheduler"}
-    assert set(NODES) == set(PACK.NODE_DISPLAY_NAME_MAPPINGS)
+    """ComfyUI registers the nodes from comfy_entrypoint (V3), not from NODE_CLASS_MAPPINGS (which would win)."""
+    assert list(NODES) == ["OvisU1ModelLoader", "OvisU1Understand", "OvisU1EncodeCondition", "OvisU1Refiner",
+                           "OvisU1EditContextEncoder", "OvisU1Sampler", "OvisU1Scheduler"]
+    assert not hasattr(PACK, "NODE_CLASS_MAPPINGS") and PACK.WEB_DIRECTORY == "./nodes/web"
 
 
 def test_every_node_follows_the_conventions():
-    assert PACK.WEB_DIRECTORY == "./nodes/web" and (ROOT / "nodes" / "web" / "show_text.js").is_file()
     for name, cls in NODES.items():
-        assert name.startswith("OvisU1") and PACK.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("Ovis-U1 ")
-        assert cls.CATEGORY == "Ovis-U1" and cls.DESCRIPTION.strip(), name
-        assert callable(getattr(cls(), cls.FUNCTION)), name
+        schema = cls.GET_SCHEMA()
+        assert name.startswith("OvisU1") and schema.display_name.startswith("Ovis-U1 "), name
+        assert cls.CATEGORY == "Ovis-U1" and cls.DESCRIPTION.strip() and schema.search_aliases, name
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and all(t.strip() for t in cls.OUTPUT_TOOLTIPS)
-        names = getattr(cls, "RETURN_NAMES", None)
-        if len(cls.RETURN_TYPES) > 1:  # several outputs are told apart by name (one is named by its type)
-            assert names, f"{name} has {len(cls.RETURN_TYPES)} outputs and no RETURN_NAMES"
-        if names is not None:
-            assert len(names) == len(cls.RETURN_TYPES) and len(set(names)) == len(names), name
+        names = cls.RETURN_NAMES
+        assert len(names) == len(cls.RETURN_TYPES) and len(set(names)) == len(names), name
         for kind in cls.RETURN_TYPES:
             assert kind in CORE_TYPES or kind.startswith("OVIS_U1_"), f"{name} returns {kind}"
         for section, inputs in cls.INPUT_TYPES().items():
-            assert section in ("required", "optional"), f"{name}: section {section}"
-            for input_name, (kind, *rest) in inputs.items():
-                assert rest and rest[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
-                if isinstance(kind, str):
-                    assert kind in CORE_TYPES or kind.startswith("OVIS_U1_"), f"{name}.{input_name}: {kind}"
-                else:  # a combo (the model list may be empty: no checkpoint installed)
-                    assert isinstance(kind, list), f"{name}.{input_name}: {kind!r}"
+            assert section in ("required", "optional", "hidden"), f"{name}: section {section}"
+            for input_name, (kind, *rest) in inputs.items() if section != "hidden" else ():
+                assert rest and rest[0].get("tooltip") or kind == "COMFY_AUTOGROW_V3", f"{name}.{input_name}"
+                assert kind in CORE_TYPES | DYNAMIC_TYPES | {"COMBO"} or kind.startswith("OVIS_U1_"), (
+                    f"{name}.{input_name}: {kind}")
 
 
 def test_inputs_are_named_after_the_outputs_that_feed_them():
     """A socket fed by the loader is named as the loader's output; the guidance inputs as Encode Condition's outputs,
     so each output goes to the input of the same name."""
     loader = NODES["OvisU1ModelLoader"]
-    assert loader.RETURN_TYPES == ("OVIS_U1_ENCODER", "MODEL", "VAE")
-    assert loader.RETURN_NAMES == ("encoder", "model", "vae")
+    assert list(loader.RETURN_TYPES) == ["OVIS_U1_ENCODER", "MODEL", "VAE"]
+    assert list(loader.RETURN_NAMES) == ["encoder", "model", "vae"]
     for name, cls in NODES.items():
         for inputs in cls.INPUT_TYPES().values():
             for input_name, (kind, *_) in inputs.items():
                 if isinstance(kind, str) and kind in LOADER_OUTPUTS:
                     assert input_name == LOADER_OUTPUTS[kind], f"{name}.{input_name} takes the loader's {kind}"
-    branches = NODES["OvisU1EncodeCondition"].RETURN_NAMES
-    assert branches == ("positive", "middle", "negative")
-    assert NODES["OvisU1Refiner"].RETURN_NAMES == branches
-    assert NODES["OvisU1EncodeCondition"].RETURN_TYPES == ("CONDITIONING",) * 3
+    branches = list(NODES["OvisU1EncodeCondition"].RETURN_NAMES)
+    assert branches == ["positive", "middle", "negative"]
+    assert list(NODES["OvisU1Refiner"].RETURN_NAMES) == branches
+    assert list(NODES["OvisU1EncodeCondition"].RETURN_TYPES) == ["CONDITIONING"] * 3
     for node in ("OvisU1Refiner", "OvisU1Sampler"):
         spec = NODES[node].INPUT_TYPES()
         assert {n for n, (k, *_) in {**spec["required"], **spec["optional"]}.items() if k == "CONDITIONING"} == set(
             branches), node
         assert list(spec["optional"]) == ["middle"], f"{node}: middle is optional (text-to-image has none)"
     context = NODES["OvisU1EditContextEncoder"]
-    assert context.RETURN_NAMES == ("resized_image", "context", "latent")
-    assert context.RETURN_TYPES == ("IMAGE", "LATENT", "LATENT")
+    assert list(context.RETURN_NAMES) == ["resized_image", "context", "latent"]
+    assert list(context.RETURN_TYPES) == ["IMAGE", "LATENT", "LATENT"]
     optional = NODES["OvisU1EncodeCondition"].INPUT_TYPES()["optional"]
     assert [optional[n][0] for n in ("latent", "image", "context")] == ["LATENT", "IMAGE", "LATENT"]
     assert "'resized_image'" in optional["image"][1]["tooltip"]
     assert "'context'" in optional["context"][1]["tooltip"]
 
 
+def spec_of(node: str, name: str):
+    spec = NODES[node].INPUT_TYPES()
+    return {**spec["required"], **spec.get("optional", {})}[name]
+
+
 def test_defaults_are_the_official_demo():
-    spec = NODES["OvisU1EncodeCondition"].INPUT_TYPES()["required"]
-    assert spec["mode"][0] == ["text-to-image", "edit"] and spec["mode"][1]["default"] == "text-to-image"
-    smp = kwargs_for("OvisU1Sampler", model=None, positive=None, negative=None, latent=None)
+    assert spec_of("OvisU1EncodeCondition", "mode")[1]["options"] == ["text-to-image", "edit"]
+    assert defaults("OvisU1EncodeCondition")["mode"] == "text-to-image"
+    smp = defaults("OvisU1Sampler")
     assert (smp["steps"], smp["txt_cfg"], smp["img_cfg"], smp["seed"], smp["timestep_shift"]) == (
         50, 5.0, 1.5, 42, "config")
-    assert NODES["OvisU1Sampler"].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is True
-    for node in ("OvisU1Understand", "OvisU1EditContextEncoder"):  # fixed seeds: no re-run on every queue
-        assert NODES[node].INPUT_TYPES()["required"]["seed"][1]["control_after_generate"] is False
-    und = kwargs_for("OvisU1Understand", encoder=None)
-    assert (und["max_new_tokens"], und["do_sample"]) == (1024, False)
-    assert kwargs_for("OvisU1EditContextEncoder", vae=None, image=None)["seed"] == 42
-    sched = kwargs_for("OvisU1Scheduler", model=None, latent=None)
+    assert spec_of("OvisU1Sampler", "seed")[1]["control_after_generate"] is True
+    sampling = {o["key"]: o["inputs"]["required"] for o in spec_of("OvisU1Understand", "sampling")[1]["options"]}
+    assert list(sampling) == ["greedy", "sample"] and not sampling["greedy"]  # greedy first: the official default
+    assert list(sampling["sample"]) == ["temperature", "top_p", "seed"]
+    # fixed seeds: no re-run on every queue
+    assert sampling["sample"]["seed"][1]["control_after_generate"] is False
+    assert spec_of("OvisU1EditContextEncoder", "seed")[1]["control_after_generate"] is False
+    assert defaults("OvisU1Understand")["max_new_tokens"] == 1024
+    assert defaults("OvisU1EditContextEncoder")["seed"] == 42
+    sched = defaults("OvisU1Scheduler")
     assert (sched["steps"], sched["timestep_shift"], sched["denoise"]) == (50, "config", 1.0)
-    loader = NODES["OvisU1ModelLoader"].INPUT_TYPES()
-    assert loader["required"]["dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
-    assert loader["required"]["dtype"][1]["default"] == "auto"
-    assert loader["required"]["attention"][0] == ["auto", "sdpa", "flash_attn"]
-    assert loader["optional"]["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_scaled"]
+    assert spec_of("OvisU1ModelLoader", "dtype")[1]["options"] == ["auto", "bf16", "fp16", "fp32"]
+    assert spec_of("OvisU1ModelLoader", "dtype")[1]["default"] == "auto"
+    assert spec_of("OvisU1ModelLoader", "attention")[1]["options"] == ["auto", "sdpa", "flash_attn"]
+    assert spec_of("OvisU1ModelLoader", "weight_dtype")[1]["options"] == [
+        "default", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_scaled"]
 
 
 # ------------------------------------------------------------------------------------------------------ loader
 def test_loader_lists_only_ovis_checkpoints(models_dir):
-    names = NODES["OvisU1ModelLoader"].INPUT_TYPES()["required"]["model"][0]
+    names = spec_of("OvisU1ModelLoader", "model")[1]["options"]
     assert "tiny_a" in names and "truncated" in names
     assert "empty" not in names and "not_ovis" not in names
-    assert NODES["OvisU1ModelLoader"].VALIDATE_INPUTS("tiny_a") is True
-    message = NODES["OvisU1ModelLoader"].VALIDATE_INPUTS("nowhere")
+    assert NODES["OvisU1ModelLoader"].validate_inputs("tiny_a") is True
+    message = NODES["OvisU1ModelLoader"].validate_inputs("nowhere")
     assert isinstance(message, str) and "models/ovis_u1" in message and "'nowhere'" in message
 
 
-def test_outside_comfyui_the_loader_gives_the_encoder_alone(loaded):
-    """MODEL and VAE are core ComfyUI objects; without ComfyUI there are none, and the encoder runs on the CPU in
-    fp32 with no patcher."""
+def test_the_loader_gives_the_encoder_the_model_and_the_vae(loaded):
+    """dtype auto is fp32 on the CPU; the encoder's parts are under their own patcher, the MMDiT and the VAE are the
+    core MODEL and VAE."""
     encoder, model, vae = loaded
-    assert model is None and vae is None
-    assert isinstance(encoder, bridge.OvisU1Encoder) and encoder.patcher is None
+    assert isinstance(encoder, bridge.OvisU1Encoder) and encoder.patcher is not None
     assert (encoder.dtype, encoder.attention, encoder.name) == (torch.float32, "auto", "tiny_a")
     assert "tiny_a" in repr(encoder)
+    assert model.model.diffusion_model is not None and vae.patcher is not None
     ovis = encoder.load()
     assert isinstance(ovis, library.OvisU1) and ovis is encoder.model and encoder.params is ovis.params
     for part in (ovis.llm, ovis.visual_tokenizer, ovis.vte):
@@ -304,21 +310,11 @@ def test_loader_choices_reach_the_encoder(models_dir):
         ("empty", ["model 'empty'", "no config.json", "Ovis-U1-3B"]),
         ("not_ovis", ["model 'not_ovis'", "model_type must be 'ovis_u1'"]),
         ("truncated", ["model 'truncated'", "truncated", "download it again"]),
-        ("nowhere", ["model 'nowhere'", "models/ovis_u1"]),
     ],
 )
 def test_loader_errors_name_the_input_and_the_fix(models_dir, encoder, name, expected):
     raises(lambda: run("OvisU1ModelLoader", model=name), *expected, error=CheckpointError)
     assert_understands(encoder)
-
-
-def test_loader_rejects_unknown_options(models_dir):
-    raises(lambda: run("OvisU1ModelLoader", model="tiny_a", dtype="fp8"), "dtype 'fp8' is unknown",
-           error=CheckpointError)
-    raises(lambda: run("OvisU1ModelLoader", model="tiny_a", attention="xformers"), "attention 'xformers' is unknown",
-           "auto, sdpa, flash_attn", error=CheckpointError)
-    raises(lambda: run("OvisU1ModelLoader", model="tiny_a", weight_dtype="fp4"), "weight_dtype 'fp4'", "fp8_e4m3fn",
-           error=CheckpointError)
 
 
 # -------------------------------------------------------------------------------------------------- understand
@@ -335,7 +331,7 @@ def test_understand_reproduces_the_golden_token_ids(encoder, monkeypatch, loads)
     ids = tensors("understand")["generated_ids"].tolist()
     assert seen[-1].token_ids == ids
     assert answer == seen[-1].text == encoder.model.tokenizer.decode(ids, skip_special_tokens=True)
-    assert ui == {"text": [answer]}
+    assert ui == {"text": (answer,)}  # ui.PreviewText
     assert NODES["OvisU1Understand"].OUTPUT_NODE is True
     assert len(loads) == 1 and loads[0] > 0  # the encoder is loaded once, with the request's activation estimate
 
@@ -348,10 +344,51 @@ def test_understand_without_image_and_with_an_image_batch(encoder):
     assert isinstance(batch, str)
 
 
+def test_every_image_socket_goes_into_one_prompt_in_socket_order(encoder, monkeypatch):
+    """Autogrow: image0, image1, ... (ComfyUI hands them as a dict); each socket may carry a batch."""
+    seen = []
+    original = type(encoder.model).understand
+
+    def spy(self, images, *args, **kwargs):
+        seen.append([image.size for image in images])
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(type(encoder.model), "understand", spy)
+    wide, tall = torch.full((2, 32, 48, 3), 0.5), torch.full((1, 80, 32, 3), 0.25)
+    understand(encoder, image=None, images={"image10": wide[:1], "image2": tall, "image0": wide}, max_new_tokens=1)
+    assert seen == [[(48, 32), (48, 32), (32, 80), (48, 32)]]  # each image at its own size, no ImageBatch resize
+
+
 def test_understand_sampling_is_seeded(encoder):
-    first, _ = understand(encoder, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
-    again, _ = understand(encoder, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    sampling = {"sampling": "sample", "temperature": 1.5, "top_p": 0.9, "seed": 7}
+    first, _ = understand(encoder, sampling=sampling)
+    again, _ = understand(encoder, sampling=sampling)
     assert first == again
+
+
+REWRITE = "Rewrite the user's short image prompt as one detailed paragraph. Answer with the rewritten prompt only."
+
+
+def test_understand_passes_the_instruction(encoder):
+    (answer,), ui = run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=4,
+                        instruction=REWRITE)
+    assert ui["text"] == (answer,)
+    assert answer == encoder.model.understand([], "a red fox", max_new_tokens=4, instruction=REWRITE).text
+    (plain,), _ = run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=4)
+    (empty,), _ = run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=4, instruction="")
+    assert plain == empty
+
+
+def test_understand_refuses_a_bad_instruction(encoder):
+    raises(lambda: run("OvisU1Understand", encoder=encoder, question="a red fox", max_new_tokens=1, instruction=7),
+           "instruction")
+
+
+def test_understand_offers_the_instruction_last():
+    """The newest widget comes after every older one."""
+    assert NODES["OvisU1Understand"].GET_SCHEMA().inputs[-1].id == "instruction"
+    kind, options = spec_of("OvisU1Understand", "instruction")
+    assert kind == "STRING" and options["default"] == "" and options["multiline"] and options["tooltip"]
 
 
 # --------------------------------------------------------------------------------------------- encode condition
@@ -413,8 +450,8 @@ def test_an_rgba_or_greyscale_edit_image_is_read_as_rgb(encoder):
 # -------------------------------------------------------------------------------------------------- bad input
 NOT_A_LATENT = [None, {"samples": None}, torch.zeros(1, 4, 8, 8), {"samples": torch.zeros(4, 8, 8)},
                 {"samples": torch.zeros(0, 4, 8, 8)}]
+# An unknown mode is refused by ComfyUI's validation of the combo (tests/comfyui/test_in_comfyui.py).
 WIRING = [
-    ("unknown mode", dict(mode="inpaint"), ["mode 'inpaint' is unknown: use one of text-to-image, edit"]),
     ("text-to-image without latent", dict(mode="text-to-image"),
      ["latent: text-to-image draws on a canvas of the latent's size", "EmptyLatentImage"]),
     *[(f"latent {i}", dict(mode="text-to-image", latent=bad), ["latent: expected a LATENT of images"])
@@ -464,9 +501,16 @@ def test_empty_prompt_and_question(encoder):
 
 
 def test_understand_rejects_an_image_that_is_no_image(encoder):
-    raises(lambda: understand(encoder, image=torch.zeros(1, 8, 8, 7)), "image: expected an IMAGE batch")
-    raises(lambda: understand(encoder, image="photo.png"), "image: expected an IMAGE tensor, got str")
+    raises(lambda: understand(encoder, image=torch.zeros(1, 8, 8, 7)), "images.image0: expected an IMAGE batch")
+    raises(lambda: understand(encoder, image="photo.png"), "images.image0: expected an IMAGE tensor, got str")
     assert_understands(encoder)
+
+
+# ------------------------------------------------------------------------------------------------- scheduler
+def test_the_scheduler_at_denoise_0_needs_no_model():
+    """As BasicScheduler: nothing to denoise, no SIGMAS (the node decides it before it reads the MODEL)."""
+    (sigmas,) = run("OvisU1Scheduler", model=None, latent=None, denoise=0.0)
+    assert sigmas.numel() == 0
 
 
 # ----------------------------------------------------------------------------------------- progress, interrupt

@@ -1,4 +1,4 @@
-"""Bad input through the ComfyUI nodes that run without ComfyUI (issues 9 and 17): NaN/inf and integer IMAGEs,
+"""Bad input through the ComfyUI nodes, inside ComfyUI (issues 9 and 17): NaN/inf and integer IMAGEs,
 markup in prompts, truncation shown on the node, extreme and empty edit images, lone surrogates, bad checkpoints
 through the loader — each the pack's own error naming the node's input, and afterwards the same encoder still gives
 the golden text-to-image conditioning through Encode Condition. The nodes that need a MODEL or a VAE are checked
@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from ovis_u1.checkpoint import MODELS_DIR_ENV
+from tests.comfyui.test_nodes import (NODES, CheckpointError, InputError, bridge, edit_context, load_image,
+                                      resized_image, run, t2i_condition, use_model_root)
 from tests.golden import CHECKPOINT, TINY_A, assert_golden, requires_golden, tensors
 from tests.test_bad_input_checkpoint import deny_reading
-from tests.test_nodes import (NODES, CheckpointError, InputError, bridge, edit_context, load_image, resized_image,
-                              run, t2i_condition)
 
 pytestmark = requires_golden
 
@@ -26,7 +25,7 @@ def encoder(tmp_path_factory):
     root.mkdir()
     (root / "tiny_a").symlink_to(CHECKPOINT, target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(MODELS_DIR_ENV, str(root))
+        use_model_root(mp, root)
         loaded, *_ = run("OvisU1ModelLoader", model="tiny_a")
         yield loaded
 
@@ -62,10 +61,11 @@ def edit_inputs(image) -> dict:
 # ---------------------------------------------------------------------------------- 3. NaN / inf IMAGE
 # The Edit Context Encoder refuses a bad image before it touches the VAE (there is none outside ComfyUI: vae=None).
 NON_FINITE = [
-    ("Understand nan image", "OvisU1Understand", dict(image=image_with(float("nan")), question="What?",
-                                                      max_new_tokens=1), ["image", "NaN"]),
+    ("Understand nan image", "OvisU1Understand", dict(images={"image0": image_with(float("nan"))}, question="What?",
+                                                      max_new_tokens=1), ["images.image0", "NaN"]),
     ("Understand inf RGBA image", "OvisU1Understand",
-     dict(image=image_with(float("inf"), channels=4), question="What?", max_new_tokens=1), ["image", "infinite"]),
+     dict(images={"image1": image_with(float("inf"), channels=4)}, question="What?", max_new_tokens=1),
+     ["images.image1", "infinite"]),
     ("Edit Context nan image", "OvisU1EditContextEncoder", dict(vae=None, image=image_with(float("-inf"))),
      ["image", "NaN"]),
     ("Encode Condition edit nan image", "OvisU1EncodeCondition",
@@ -83,14 +83,16 @@ def test_non_finite_images_are_errors(encoder, case, node, given, names):
     raises(lambda: run(node, **node_inputs(node, encoder, given)), *names)
 
 
+INTEGER_IMAGE = torch.full((1, 64, 96, 3), 128, dtype=torch.uint8)
+
+
 @pytest.mark.parametrize("node, given", [
-    ("OvisU1Understand", dict(question="What?", max_new_tokens=1)),
-    ("OvisU1EditContextEncoder", dict(vae=None)),
-    ("OvisU1EncodeCondition", dict(prompt="add a hat", mode="edit", context=edit_context())),
+    ("OvisU1Understand", dict(question="What?", max_new_tokens=1, images={"image0": INTEGER_IMAGE})),
+    ("OvisU1EditContextEncoder", dict(vae=None, image=INTEGER_IMAGE)),
+    ("OvisU1EncodeCondition", dict(prompt="add a hat", mode="edit", context=edit_context(), image=INTEGER_IMAGE)),
 ], ids=["understand", "edit-context", "encode-condition"])
 def test_integer_images_are_refused(encoder, node, given):
-    image = torch.full((1, 64, 96, 3), 128, dtype=torch.uint8)
-    raises(lambda: run(node, image=image, **node_inputs(node, encoder, given)), "image", "uint8", "255")
+    raises(lambda: run(node, **node_inputs(node, encoder, given)), "image", "uint8", "255")
 
 
 # ------------------------------------------------------------------------------------- 4. markup in prompts
@@ -99,7 +101,7 @@ def test_image_tag_in_node_prompts_is_text(encoder):
     assert positive[0][1]["ovis_u1"]["branch"] == "cond" and negative[0][1]["ovis_u1"]["branch"] == "no_both"
     assert positive[0][0].shape[1] > tensors("t2i")["cond.txt"].shape[1]  # the tag is text, not an empty image
     (answer,), _ = run("OvisU1Understand", encoder=encoder, question="What is <image>?", max_new_tokens=1,
-                       image=load_image(TINY_A / "cases" / "understand" / "input.png"))
+                       images={"image0": load_image(TINY_A / "cases" / "understand" / "input.png")})
     assert isinstance(answer, str)
 
 
@@ -119,13 +121,15 @@ def test_understand_node_shows_what_truncation_cut(encoder):
     rng = np.random.default_rng(1)
     photo = torch.from_numpy(rng.random((1, 1080, 1920, 3), dtype=np.float32))
     with pytest.warns(UserWarning, match="multimodal_max_length"):
-        (answer,), ui = run("OvisU1Understand", encoder=encoder, image=photo, question="What?", max_new_tokens=1)
-    assert ui["text"][0] == answer and any(t.startswith("⚠ image 1 loses") for t in ui["text"][1:])
+        (answer,), ui = run("OvisU1Understand", encoder=encoder, images={"image0": photo}, question="What?",
+                            max_new_tokens=1)
+    (shown,) = ui["text"]  # ui.PreviewText: the answer, then each warning on its own paragraph
+    assert shown.startswith(answer) and "\n\n⚠ image 1 loses" in shown
 
 
 def test_understand_node_refuses_to_cut_an_image_away(encoder):
     raises(lambda: run("OvisU1Understand", encoder=encoder, question="why " * 2100, max_new_tokens=1,
-                       image=load_image(TINY_A / "cases" / "understand" / "input.png")),
+                       images={"image0": load_image(TINY_A / "cases" / "understand" / "input.png")}),
            "image 1", "cut away", "shorten the question")
 
 
@@ -155,8 +159,8 @@ def test_an_extreme_image_on_encode_condition_is_the_wrong_wire(encoder):
 
 # ----------------------------------------------------------------------- issue 17: empty batches, lone surrogates
 EMPTY = [
-    ("Understand", "OvisU1Understand", dict(image=torch.zeros(0, 64, 64, 3), question="What?", max_new_tokens=1),
-     ["image", "0 images"]),
+    ("Understand", "OvisU1Understand", dict(images={"image0": torch.zeros(0, 64, 64, 3)}, question="What?",
+                                            max_new_tokens=1), ["images.image0", "0 images"]),
     ("Edit Context", "OvisU1EditContextEncoder", dict(vae=None, image=torch.zeros(0, 64, 64, 3)), ["image"]),
     ("Encode Condition edit", "OvisU1EncodeCondition", edit_inputs(torch.zeros(0, 64, 96, 3)), ["image"]),
     ("Encode Condition latent", "OvisU1EncodeCondition",
@@ -195,7 +199,7 @@ def _bad_root(tmp_path, monkeypatch, damage) -> str:
         else:
             (target / f.name).write_bytes(f.read_bytes())
     damage(target)
-    monkeypatch.setenv(MODELS_DIR_ENV, str(root))
+    use_model_root(monkeypatch, root)
     return "broken"
 
 
@@ -248,7 +252,7 @@ def test_an_unreadable_config_is_skipped_in_the_list_and_explained_on_load(encod
     assert comfy_bridge.list_models() == [name]
     deny_reading(monkeypatch, pathlib.Path, "read_text", "config.json")
     assert comfy_bridge.list_models() == []  # quietly not listed...
-    assert OvisU1ModelLoader.VALIDATE_INPUTS(name) is True  # ...but a saved workflow that names it is let through
+    assert OvisU1ModelLoader.validate_inputs(name) is True  # ...but a saved workflow that names it is let through
     with pytest.raises(CheckpointError) as info:  # ...to be told what is wrong
         run("OvisU1ModelLoader", model=name)
     for needle in (f"model {name!r}", "config.json", "permission denied", "chmod a+r"):

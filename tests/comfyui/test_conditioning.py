@@ -1,4 +1,5 @@
-"""The CONDITIONING layout of Encode Condition (``nodes/comfy_bridge/conditioning.py``, pure Python): which official
+"""The CONDITIONING layout of Encode Condition (``nodes/comfy_bridge/conditioning.py``; the pack imports only inside
+ComfyUI): which official
 classifier-free-guidance branch each output carries, where an edit's source latent goes, the pack's mark, and the
 checks the MODEL and the MMDiT Sampler make with it — a foreign CONDITIONING is named by its likely origin, swapped
 wires are named, an edit without its image-only branch is refused. The module is the pack's own (imported as ComfyUI
@@ -11,7 +12,10 @@ import sys
 import pytest
 import torch
 
-from tests.pack import PACK_NAME, import_pack
+from tests.pack import COMFYUI_PATH, PACK_NAME, import_pack
+
+if not COMFYUI_PATH:
+    pytest.skip("in-ComfyUI tests need COMFYUI_PATH", allow_module_level=True)
 
 PACK = import_pack()
 conditioning = sys.modules[f"{PACK_NAME}.nodes.comfy_bridge.conditioning"]
@@ -27,8 +31,13 @@ def condition(mode: str, width: int = 64, height: int = 64):
     return library.Condition(mode, width, height, states)
 
 
+def named(outputs: tuple) -> dict:
+    """Encode Condition's outputs by name."""
+    return dict(zip(("positive", "middle", "negative"), outputs))
+
+
 def outputs(mode: str, reference=None) -> dict:
-    return conditioning.conditioning_outputs(condition(mode), reference)
+    return named(conditioning.conditioning_outputs(condition(mode), reference))
 
 
 def raises(fn, *texts: str) -> str:
@@ -42,7 +51,7 @@ def raises(fn, *texts: str) -> str:
 # --------------------------------------------------------------------------------------------------- layout
 def test_text_to_image_layout():
     c = condition("t2i")
-    out = conditioning.conditioning_outputs(c)
+    out = named(conditioning.conditioning_outputs(c))
     assert set(out) == {"positive", "middle", "negative"}
     for output, branch in (("positive", "cond"), ("middle", "no_both"), ("negative", "no_both")):
         (entry,) = out[output]
@@ -51,12 +60,12 @@ def test_text_to_image_layout():
         assert options == {"ovis_u1": {"mode": "t2i", "branch": branch, "refined": False}}, output
     # a reference latent given for text-to-image is not attached: nothing in t2i sees a source image
     with_latent = conditioning.conditioning_outputs(c, torch.zeros(1, 4, 8, 8))
-    assert all("reference_latents" not in entries[0][1] for entries in with_latent.values())
+    assert all("reference_latents" not in entries[0][1] for entries in with_latent)
 
 
 def test_an_edit_attaches_the_source_latent_to_cond_and_no_txt_only():
     c, latent = condition("edit", 96, 64), torch.randn(1, 4, 8, 12)
-    out = conditioning.conditioning_outputs(c, latent)
+    out = named(conditioning.conditioning_outputs(c, latent))
     for output, branch in (("positive", "cond"), ("middle", "no_txt"), ("negative", "no_both")):
         (entry,) = out[output]
         assert entry[0] is c.branches[branch]
@@ -66,7 +75,7 @@ def test_an_edit_attaches_the_source_latent_to_cond_and_no_txt_only():
     assert out["middle"][0][1]["reference_latents"][0] is latent
     assert "reference_latents" not in out["negative"][0][1]  # the unconditional branch sees no image
     without = conditioning.conditioning_outputs(c)
-    assert all("reference_latents" not in entries[0][1] for entries in without.values())
+    assert all("reference_latents" not in entries[0][1] for entries in without)
 
 
 def test_the_layout_is_the_official_branch_table():
@@ -106,12 +115,13 @@ def test_an_entry_with_the_mark_gives_it():
     assert conditioning.mark_of(entry, "middle") == {"mode": "edit", "branch": "no_txt", "refined": False}
 
 
-def test_conditioning_mode_of_empty_and_mixed_conditioning():
-    raises(lambda: conditioning.conditioning_mode([], "positive"), "positive: expected a non-empty CONDITIONING")
-    raises(lambda: conditioning.conditioning_mode(None, "negative"), "negative: expected a non-empty CONDITIONING")
+def test_empty_and_mixed_conditioning():
+    t2i = outputs("t2i")
+    raises(lambda: conditioning.guidance_mode([], t2i["negative"]), "positive: expected a non-empty CONDITIONING")
+    raises(lambda: conditioning.guidance_mode(t2i["positive"], None), "negative: expected a non-empty CONDITIONING")
     mixed = outputs("t2i")["positive"] + outputs("edit")["positive"]
-    raises(lambda: conditioning.conditioning_mode(mixed, "positive"), "positive: mixes text-to-image and edit")
-    assert conditioning.conditioning_mode(outputs("t2i")["negative"] * 2, "negative") == "t2i"
+    raises(lambda: conditioning.guidance_mode(mixed, t2i["negative"]), "positive: mixes text-to-image and edit")
+    assert conditioning.guidance_mode(t2i["positive"], t2i["negative"] * 2) == "t2i"
 
 
 # ------------------------------------------------------------------------------------------ guidance mode

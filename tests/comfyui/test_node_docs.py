@@ -1,7 +1,9 @@
 """The node help pages (nodes/web/docs/<node>.md): one per node, where ComfyUI's frontend looks for a custom node's
 help (``/extensions/<pack>/docs/<node>.md``, served from WEB_DIRECTORY; the frontend's NodeHelpService tries
 ``docs/<node>/<locale>.md`` first and falls back to this file), and saying the same as the node definitions: every
-input in INPUT_TYPES order with its default and range, every output by name."""
+input in the schema's order under its API name (a DynamicCombo's inputs as ``sampling.temperature``, an Autogrow's
+first socket as ``images.image0``) with its default and range, every output by name. The server serves the pages
+for the V3 nodes: tests/comfyui/test_in_comfyui.py fetches one."""
 
 from __future__ import annotations
 
@@ -9,11 +11,41 @@ import re
 
 import pytest
 
-from tests.pack import ROOT, import_pack
+from tests.pack import COMFYUI_PATH, ROOT, import_pack, node_classes
+
+if not COMFYUI_PATH:
+    pytest.skip("in-ComfyUI tests need COMFYUI_PATH", allow_module_level=True)
 
 PACK = import_pack()
-NODES = PACK.NODE_CLASS_MAPPINGS
+NODES = node_classes(PACK)
 DOCS = ROOT / PACK.WEB_DIRECTORY / "docs"
+
+
+def input_rows(cls) -> list[tuple[str, object, dict, str]]:
+    """(API name, kind, options, section) of every input in the schema's order: a combo's kind is its choices; a
+    DynamicCombo's row (its keys), then each option's inputs as ``<name>.<input>``; an Autogrow as its first socket."""
+    spec = cls.INPUT_TYPES()
+    sections = {name: section for section in ("required", "optional") for name in spec.get(section, {})}
+    rows = []
+
+    def add(name, kind, options, section):
+        rows.append((name, options["options"] if kind == "COMBO" else kind, options, section))
+
+    for inp in cls.GET_SCHEMA().inputs:
+        kind, options = spec[sections[inp.id]][inp.id]
+        if kind == "COMFY_DYNAMICCOMBO_V3":
+            rows.append((inp.id, [o["key"] for o in options["options"]], options, sections[inp.id]))
+            for option in options["options"]:
+                for section, inputs in option["inputs"].items():
+                    for name, (sub_kind, sub_options) in inputs.items():
+                        add(f"{inp.id}.{name}", sub_kind, sub_options, section)
+        elif kind == "COMFY_AUTOGROW_V3":
+            template = options["template"]
+            ((sub_kind, sub_options),) = template["input"]["required"].values()
+            add(f"{inp.id}.{template['prefix']}0", sub_kind, sub_options, "optional" if not template["min"] else "required")
+        else:
+            add(inp.id, kind, options, sections[inp.id])
+    return rows
 
 
 def table(text: str, heading: str) -> list[list[str]]:
@@ -52,16 +84,14 @@ def test_every_node_has_a_page_and_no_page_is_left_over():
 def test_page_matches_the_node_definition(name):
     text = (DOCS / f"{name}.md").read_text(encoding="utf-8")
     cls = NODES[name]
-    assert text.startswith(f"# {PACK.NODE_DISPLAY_NAME_MAPPINGS[name]}\n")
+    assert text.startswith(f"# {cls.GET_SCHEMA().display_name}\n")
     for heading in ("Defaults", "Example"):
         assert re.search(rf"^## {heading}", text, re.M), f"{name}: no {heading} section"
 
-    spec = cls.INPUT_TYPES()
-    inputs = [(n, s, section) for section in ("required", "optional") for n, s in spec.get(section, {}).items()]
+    inputs = input_rows(cls)
     rows = table(text, "Inputs")
-    assert [name_of(r[0]) for r in rows] == [n for n, _, _ in inputs], f"{name}: inputs differ or are out of order"
-    for (input_name, (kind, *rest), section), (_, _, type_cell, default_cell) in zip(inputs, rows):
-        options = rest[0] if rest else {}
+    assert [name_of(r[0]) for r in rows] == [n for n, *_ in inputs], f"{name}: inputs differ or are out of order"
+    for (input_name, kind, options, section), (_, _, type_cell, default_cell) in zip(inputs, rows):
         where = f"{name}.{input_name}"
         widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")
         if not widget:  # a socket: its type, and whether it must be connected (a widget always has a value)
@@ -80,7 +110,7 @@ def test_page_matches_the_node_definition(name):
                 f"{where}: range '{type_cell}', the node {options['min']}–{options['max']}")
 
     outputs = table(text, "Outputs")
-    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    names = cls.RETURN_NAMES
     assert [name_of(r[0]) for r in outputs] == list(names), f"{name}: outputs"
     assert [r[1] for r in outputs] == list(cls.RETURN_TYPES), f"{name}: output types"
 
