@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import prompts
+from . import gguf, prompts
 from . import attention as attention_kernels
 from .checkpoint import MarkFileSlice, check_directory, load_weights, reading_ahead
 from .config import OvisU1Params, load_params
@@ -599,6 +599,12 @@ def load_model(
     if encoder_operations is not None:
         encoder_operations = _operations_for(weight_dtype, encoder_operations, "encoder_operations")
     directory = check_directory(path)
+    gguf_path = gguf.gguf_file(directory)
+    if gguf_path is not None:  # the weights of the folder are quantized already: layers that dequantize them
+        if weight_dtype is not None:
+            raise OvisU1InputError(f"{gguf_path.name} holds quantized weights: leave weight_dtype at default")
+        operations = gguf.gguf_operations(manual_cast if operations is nn else operations)
+        encoder_operations = None if encoder_operations is None else gguf.gguf_operations(encoder_operations)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     params = load_params(directory)
@@ -616,6 +622,9 @@ def load_model(
                 return torch.float32
             return weight_dtype if key in stored_in_fp8 else dtype
 
+        if gguf_path is not None:
+            gguf.load_gguf_weights(model, gguf_path, device, dtype_for, shapes)
+            shapes = {k: v for k, v in shapes.items() if k.startswith(gguf.VAE_PREFIX)}  # the safetensors beside
         load_weights(model, directory, device, dtype_for, rename=legacy_vae_key, expected=shapes,
                      mark_file_slice=mark_file_slice)
     for module in model.modules():  # fp8 tables give their rows in the compute dtype
