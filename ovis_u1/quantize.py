@@ -146,6 +146,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, type_name: str = "Q8_0"
         with safe_open(str(files[key]), "pt") as f:
             vae[key] = f.get_tensor(key).float().contiguous()
     save_file(vae, str(out_dir / g.VAE_NAME))
+    shutil.copymode(model_dir / "config.json", out_dir / g.VAE_NAME)  # readable as the downloaded files are
     path = out_dir / g.GGUF_NAME
     write_gguf(path, entries, files, type_name, gguf, progress)
     return path
