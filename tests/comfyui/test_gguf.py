@@ -83,29 +83,61 @@ def test_t2i_through_the_pack_nodes_is_within_the_bound(comfy, gguf):
     assert diff.mean() <= Q8_MEAN_LEVELS and diff.max() <= Q8_MAX_LEVELS, f"{diff.mean():.2f} / {diff.max():.0f}"
 
 
-@pytest.mark.parametrize("partial", [False, True], ids=["full_load", "partial_load"])
-def test_lora_on_the_gguf_mmdit_equals_the_lora_on_its_dequantized_weights(comfy, gguf, partial, monkeypatch):
-    import comfy.model_management as mm
-
+def _sample(comfy, gguf, model=None):
+    """The MMDiT Sampler on the golden t2i condition (the pack's nodes)."""
     c = _with(comfy, gguf)
     p, positive, middle, negative, latent = t2i_inputs(c)
-    base = mmdit_sampler(c, p, positive, negative, latent, steps=STEPS)["samples"]
-    if partial:  # ComfyUI loads no layer fully: every weight goes through the cast (weight_function)
-        monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: 1 << 20)
-    patched = with_lora(gguf["model"], "gguf_lora.safetensors")
-    lora = mmdit_sampler(c, p, positive, negative, latent, model=patched, steps=STEPS)["samples"]
-    monkeypatch.undo()
-    again = mmdit_sampler(c, p, positive, negative, latent, steps=STEPS)["samples"]  # ComfyUI unpatches first
+    return mmdit_sampler(c, p, positive, negative, latent, model=model, steps=STEPS)["samples"]
+
+
+def _merged_by_hand(comfy, gguf):
+    """The same MODEL with the layer's dequantized weight + s·B·A as a plain dense weight."""
     layer = gguf["model"].model.diffusion_model.get_submodule(LAYER)
-    assert layer.weight.dtype == torch.uint8, "unpatching did not give the blocks back"
-    torch.testing.assert_close(again, base, rtol=0, atol=0)
-    # by hand: the same MODEL with the layer's dequantized weight + s·B·A as a plain dense weight
     dense = gguf["lib"].gguf.dequantized(layer, layer.weight, torch.float32) + STRENGTH * (gguf["b"] @ gguf["a"])
-    raw, q = layer.weight, layer.gguf_quantization
+    raw = layer.weight
     try:
         layer.weight = torch.nn.Parameter(dense, requires_grad=False)
-        merged = mmdit_sampler(c, p, positive, negative, latent, steps=STEPS)["samples"]
+        return _sample(comfy, gguf)
     finally:
-        layer.weight, layer.gguf_quantization = raw, q
+        layer.weight = raw
+
+
+def test_lora_on_the_gguf_mmdit_merged_by_comfyui_equals_the_lora_on_its_dequantized_weights(comfy, gguf):
+    """A full load: ComfyUI's patcher merges the LoRA through the layer's convert_weight / set_weight."""
+    base = _sample(comfy, gguf)
+    lora = _sample(comfy, gguf, with_lora(gguf["model"], "gguf_lora.safetensors"))
+    again = _sample(comfy, gguf)  # loading the MODEL without the LoRA unpatches first: the blocks come back
+    layer = gguf["model"].model.diffusion_model.get_submodule(LAYER)
+    assert layer.weight.dtype == torch.uint8, "unpatching did not give the blocks back"
+    assert torch.equal(again, base)
+    merged = _merged_by_hand(comfy, gguf)
     assert (merged - base).abs().max() > 1e-2
+    torch.testing.assert_close(lora, merged, rtol=LORA_ATOL, atol=LORA_ATOL)
+
+
+def test_lora_on_a_partially_loaded_gguf_mmdit_is_applied_after_dequantization(comfy, gguf):
+    """A partial load (lowvram): the LoRA stays a weight_function of the layer, applied in the cast to the dense
+    weight."""
+    import comfy.model_management as mm
+
+    patched = with_lora(gguf["model"], "gguf_lora.safetensors")
+    layer = patched.model.diffusion_model.get_submodule(LAYER)
+    mm.unload_all_models()
+    patched.patch_model(device_to=patched.load_device, lowvram_model_memory=1, load_weights=True)
+    try:
+        assert patched.model.model_lowvram and layer.weight_function and layer.weight.dtype == torch.uint8
+        p = t2i_inputs(_with(comfy, gguf))[0]
+        ovis = gguf["encoder"].model
+        txt = {b: tensors("t2i")[f"{b}.txt"] for b in ("cond", "no_both")}
+        refined = ovis.refine(gguf["lib"].Condition("t2i", p["width"], p["height"], txt))
+        lora = ovis.sample(refined, p["width"], p["height"], steps=STEPS, txt_cfg=p["txt_cfg"], seed=p["seed"])
+    finally:
+        patched.unpatch_model(patched.offload_device)
+    raw = layer.weight
+    dense = gguf["lib"].gguf.dequantized(layer, raw, torch.float32) + STRENGTH * (gguf["b"] @ gguf["a"])
+    try:
+        layer.weight = torch.nn.Parameter(dense, requires_grad=False)
+        merged = ovis.sample(refined, p["width"], p["height"], steps=STEPS, txt_cfg=p["txt_cfg"], seed=p["seed"])
+    finally:
+        layer.weight = raw
     torch.testing.assert_close(lora, merged, rtol=LORA_ATOL, atol=LORA_ATOL)
