@@ -139,7 +139,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, type_name: str = "Q8_0"
     entries, vae_keys, files = plan(model_dir, TYPES[type_name])
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in model_dir.iterdir():  # config, tokenizer and preprocessor files
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.startswith("."):
             shutil.copy2(item, out_dir / item.name)
     vae = {}
     for key in vae_keys:
