@@ -246,8 +246,11 @@ def gguf_operations(operations):
             if q is None:
                 return super().forward(ids, **({} if out_dtype is None else {"out_dtype": out_dtype}), **kwargs)
             every_op()
-            like = torch.empty(0, device=ids.device, dtype=out_dtype or q.dtype)
-            with quantized_cast(self, like) as (weight, _):
+            dtype = out_dtype or q.dtype
+            if quantized_cast is cast_quantized_weights:  # headless: only the rows looked up are dequantized
+                rows = self.weight[ids.reshape(-1).to(self.weight.device)].to(ids.device)
+                return dequantize(rows, q.qtype, (*ids.shape, q.shape[-1]), dtype)
+            with quantized_cast(self, torch.empty(0, device=ids.device, dtype=dtype)) as (weight, _):
                 return F.embedding(ids, weight, self.padding_idx)
 
     names = {"Linear": Linear, "Embedding": Embedding, "cast_weights": staticmethod(cast_weights)}
