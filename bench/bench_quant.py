@@ -20,7 +20,10 @@ A storage name this checkout does not know is skipped with a note. Random weight
 say how the formats compare, not how a trained model's pictures change.
 
     python bench/bench_quant.py /tmp/ovis_mid/ovis_u1_mid --work /tmp/gguf_mid \
-        [--rows bf16,fp8_e4m3fn,fp8_e4m3fn_scaled,Q8_0,Q5_1,Q4_1] [--json out.json]
+        [--rows bf16,fp8_e4m3fn,fp8_e4m3fn_scaled,Q8_0,Q5_1,Q4_1] [--json out.json [--fresh]]
+
+With --json, a later run measures only the rows not in the file yet (e.g. a storage added since) and prints the
+table of all --rows.
 """
 
 from __future__ import annotations
@@ -150,7 +153,8 @@ def main() -> None:
     parser.add_argument("--rows", default=ROWS)
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="results; rows already in it are reused (add rows one run at a time)")
+    parser.add_argument("--fresh", action="store_true", help="measure every row again, ignoring --json's rows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     global ARGS
     ARGS = parser.parse_args()
@@ -160,7 +164,11 @@ def main() -> None:
         print(json.dumps(worker(ARGS.worker, folder, ARGS.work)))
         return
     results, notes = {}, []
+    if ARGS.json and ARGS.json.is_file() and not ARGS.fresh:  # rows measured before (their images are in --work)
+        results = json.loads(ARGS.json.read_text())["rows"]
     for row in ARGS.rows.split(","):
+        if row in results:
+            continue
         if row not in TYPES and row != REFERENCE and not known_storage(row):
             notes.append(f"{row}: not a weight storage of this checkout — skipped")
             continue
@@ -179,7 +187,7 @@ def main() -> None:
     print("| row | t2i \\|Δ\\| mean / max | edit \\|Δ\\| mean / max | understanding: same / 8, first diff | "
           "weight MB | file MB | load s | peak RSS MB | s/step | 3.6B MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for row, res in results.items():
+    for row, res in [(r, results[r]) for r in ARGS.rows.split(",") if r in results]:
         c = compare(ARGS.work, row, ref, res)
         first = "—" if c["understand"][1] is None else str(c["understand"][1])
         file_mb = "—" if res["file_bytes"] is None else f"{res['file_bytes'] / mb:.0f}"
