@@ -22,8 +22,9 @@ say how the formats compare, not how a trained model's pictures change.
     python bench/bench_quant.py /tmp/ovis_mid/ovis_u1_mid --work /tmp/gguf_mid \
         [--rows bf16,fp8_e4m3fn,fp8_e4m3fn_scaled,Q8_0,Q5_1,Q4_1] [--json out.json [--fresh]]
 
-With --json, a later run measures only the rows not in the file yet (e.g. a storage added since) and prints the
-table of all --rows.
+Each row's result is kept in --work/ROW.json and reused by later runs (e.g. one that adds a storage after a merge);
+rows may run in parallel (``--worker ROW`` alone measures one; a run waits for a row another process measures).
+--fresh measures every row again.
 """
 
 from __future__ import annotations
@@ -153,15 +154,24 @@ def main() -> None:
     parser.add_argument("--rows", default=ROWS)
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--json", type=Path, help="results; rows already in it are reused (add rows one run at a time)")
-    parser.add_argument("--fresh", action="store_true", help="measure every row again, ignoring --json's rows")
+    parser.add_argument("--json", type=Path, help="write every result here; rows already in it are reused")
+    parser.add_argument("--fresh", action="store_true", help="measure every row again")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     global ARGS
     ARGS = parser.parse_args()
     ARGS.work.mkdir(parents=True, exist_ok=True)
-    if ARGS.worker:
-        folder = ARGS.work / ARGS.worker if ARGS.worker in TYPES else ARGS.checkpoint
-        print(json.dumps(worker(ARGS.worker, folder, ARGS.work)))
+    if ARGS.worker:  # one row; its result is kept in --work (a row already measured there is not run again)
+        saved, running = ARGS.work / f"{ARGS.worker}.json", ARGS.work / f"{ARGS.worker}.running"
+        while running.exists() and not saved.is_file():  # another process measures this row now (rows in parallel)
+            time.sleep(5)
+        if ARGS.fresh or not saved.is_file():
+            folder = ARGS.work / ARGS.worker if ARGS.worker in TYPES else ARGS.checkpoint
+            running.touch()
+            try:
+                saved.write_text(json.dumps(worker(ARGS.worker, folder, ARGS.work)))
+            finally:
+                running.unlink(missing_ok=True)
+        print(saved.read_text())
         return
     results, notes = {}, []
     if ARGS.json and ARGS.json.is_file() and not ARGS.fresh:  # rows measured before (their images are in --work)
@@ -175,7 +185,7 @@ def main() -> None:
         if row in TYPES and not (ARGS.work / row / g.GGUF_NAME).is_file():
             quantize(ARGS.checkpoint, ARGS.work / row, row, progress=False)
         cmd = [sys.executable, __file__, str(ARGS.checkpoint), "--work", str(ARGS.work), "--worker", row,
-               "--tokens", str(ARGS.tokens)]
+               "--tokens", str(ARGS.tokens), *(["--fresh"] if ARGS.fresh else [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"row {row} failed:\n{done.stderr}")
