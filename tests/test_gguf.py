@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 
+import gguf  # an optional dependency of the pack, installed by its "test" extra
 import numpy as np
 import pytest
 import torch
@@ -19,8 +20,6 @@ from ovis_u1.model import FP8_KEPT_OUT, FP8_TOKEN_TABLE
 from ovis_u1.quantize import quantize
 from tests.golden import CHECKPOINT, case_params, requires_golden, tensors
 from tests.test_model import edit_input
-
-gguf = pytest.importorskip("gguf")  # an optional dependency; CI installs it (the "test" extra)
 
 BLOCK_TYPES = [g.Q8_0, g.Q5_1, g.Q5_0, g.Q4_1, g.Q4_0]  # the converter's block types: gguf-py quantizes them
 K_TYPES = [g.Q4_K, g.Q5_K, g.Q6_K]  # made by llama.cpp only: checked on random blocks
