@@ -1,4 +1,4 @@
-"""Headless Ovis-U1: ``python -m ovis_u1 {demo,t2i,edit,understand,smoke-model}``.
+"""Headless Ovis-U1: ``python -m ovis_u1 {demo,t2i,edit,understand,smoke-model,quantize}``.
 
 The model folder comes from ``--model``, else ``$OVIS_U1_MODEL``, else the first Ovis-U1 folder under a ComfyUI
 ``models/ovis_u1/`` (``$OVIS_U1_MODELS_DIR``, ``./models/ovis_u1``, or the ComfyUI this pack is installed in).
@@ -23,6 +23,7 @@ from .checkpoint import default_model_roots, find_model_dirs
 from .errors import CheckpointError, OvisU1InputError
 from .model import load_model
 from .operations import WEIGHT_DTYPES
+from .quantize import TYPES as QUANT_TYPES, quantize
 from .smoke import build_smoke_model, is_smoke_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -314,6 +315,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("smoke-model", help="write the small random-weight Ovis-U1 to a folder")
     s.add_argument("directory")
+
+    q = sub.add_parser("quantize", help="write a GGUF folder (quantized LLM, visual encoder and MMDiT) of a model")
+    q.add_argument("model_dir", help="Ovis-U1 checkpoint folder (safetensors)")
+    q.add_argument("out_dir", help="new folder for the GGUF model (must not exist or be empty)")
+    q.add_argument("--type", default="Q8_0", choices=list(QUANT_TYPES),
+                   help="block type of the quantized matrices (README, 'Smaller weights')")
     return p
 
 
@@ -329,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "smoke-model":
             print(build_smoke_model(args.directory))
+            return 0
+        if args.command == "quantize":
+            print(quantize(args.model_dir, args.out_dir, args.type))
             return 0
         return run_task(args)
     except KeyboardInterrupt:

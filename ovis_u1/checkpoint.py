@@ -23,6 +23,7 @@ from .errors import CheckpointError  # noqa: F401 — re-exported: defined here 
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+GGUF_VAE_FILE = "vae.safetensors"  # a GGUF folder's VAE (ovis_u1.gguf)
 TIED_KEYS = ("llm.lm_head.weight",)  # tied to llm.model.embed_tokens.weight, never stored
 
 
@@ -101,6 +102,11 @@ def weight_files(directory: str | Path) -> list[Path]:
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
     elif (directory / SINGLE_FILE).is_file():
         files = [directory / SINGLE_FILE]
+    elif any(directory.glob("*.gguf")):  # a GGUF folder (ovis_u1.gguf): the VAE beside the GGUF file
+        files = [directory / GGUF_VAE_FILE]
+        if not files[0].is_file():
+            raise CheckpointError(f"GGUF model folder {str(directory)!r} has no {GGUF_VAE_FILE} (the fp32 VAE that "
+                                  "'python -m ovis_u1 quantize' writes beside the .gguf file); convert the model again")
     else:
         raise CheckpointError(
             f"no weights in {str(directory)!r}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards"
@@ -547,7 +553,7 @@ def load_weights(
     if problems["corrupt"] or problems["overflow"]:
         raise non_finite_error(problems["corrupt"], problems["overflow"], directory)
     result = module.load_state_dict(state, strict=False, assign=True)
-    leftover = [k for k in result.missing_keys if k not in TIED_KEYS]
+    leftover = [k for k in result.missing_keys if k in expected]  # a GGUF folder loads the rest from its .gguf
     unfilled = [k for k in expected if tuple(_assigned_shape(module, k) or ()) != expected[k]]
     if leftover or result.unexpected_keys or unfilled:  # validate_keys makes this unreachable; keep it explicit
         not_assigned = sorted(set(leftover + unfilled)) + list(result.unexpected_keys)

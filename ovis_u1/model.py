@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import fp8, prompts
+from . import fp8, gguf, prompts
 from . import attention as attention_kernels
 from .checkpoint import MarkFileSlice, check_directory, load_weights, reading_ahead
 from .config import OvisU1Params, load_params
@@ -616,6 +616,12 @@ def load_model(
         encoder_operations = _operations_for(weight_dtype, encoder_operations, "encoder_operations")
     dtype = check_compute_dtype(dtype)
     directory = check_directory(path)
+    gguf_path = gguf.gguf_file(directory)
+    if gguf_path is not None:  # the weights of the folder are quantized already: layers that dequantize them
+        if weight_dtype is not None:
+            raise OvisU1InputError(f"{gguf_path.name} holds quantized weights: leave weight_dtype at default")
+        operations = gguf.gguf_operations(manual_cast if operations is nn else operations)
+        encoder_operations = None if encoder_operations is None else gguf.gguf_operations(encoder_operations)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     params = load_params(directory)
@@ -642,6 +648,9 @@ def load_model(
             model.register_load_state_dict_pre_hook(
                 lambda _, state, *args: fp8.scale_state(state, stored_in_fp8)
             )
+        if gguf_path is not None:
+            gguf.load_gguf_weights(model, gguf_path, device, dtype_for, shapes)
+            shapes = {k: v for k, v in shapes.items() if k.startswith(gguf.VAE_PREFIX)}  # the safetensors beside
         load_weights(model, directory, read_on, dtype_for, rename=legacy_vae_key, expected=shapes,
                      mark_file_slice=mark_file_slice)
     if read_on != device:

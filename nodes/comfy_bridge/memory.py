@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ...ovis_u1 import estimates, fp8, operations
+from .gguf_ops import cast_quantized_weights
 from .host import IN_COMFYUI, load_device, offload_device
 
 if IN_COMFYUI:
@@ -71,6 +72,7 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
 
         cast_to = staticmethod(cast_free_parameter)
         cast_weights = staticmethod(cast_layer_weights)
+        cast_quantized_weights = staticmethod(cast_quantized_weights)  # a GGUF folder's layers (ovis_u1.gguf)
         every_op = staticmethod(getattr(comfy.ops, "run_every_op", lambda: None))  # interrupt check; 0.3.64: none
 
     return Operations
