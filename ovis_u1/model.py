@@ -605,9 +605,10 @@ def load_model(
     "fp8_e4m3fn_scaled") stores the weight matrices of the LLM, the visual encoder and the MMDiT in that dtype (see
     :func:`fp8_keys`; the _scaled one in e4m3fn with a scale per matrix made from the checkpoint's weights, see
     :mod:`ovis_u1.fp8`); compute stays in ``dtype``. ``operations`` is the layer namespace (default ``torch.nn``,
-    or the pack's manual cast when ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and visual embedding table's where
-    it differs (None: ``operations``; see :class:`OvisU1`). ``mark_file_slice`` is handed to
-    :func:`ovis_u1.checkpoint.load_weights`.
+    or the pack's manual cast when ``weight_dtype`` is set); ``encoder_operations`` the LLM's, visual encoder's and
+    visual embedding table's where it differs (None: ``operations``; see :class:`OvisU1`). ``mark_file_slice`` is
+    handed to :func:`ovis_u1.checkpoint.load_weights`. A folder whose weights are a GGUF file (``python -m ovis_u1
+    quantize``) loads into layers that dequantize them (:mod:`ovis_u1.gguf`); ``weight_dtype`` stays default there.
     """
     storage = parse_weight_storage(weight_dtype)
     weight_dtype = storage.dtype

@@ -81,7 +81,7 @@ def test_the_library_imports_without_comfyui_or_flash_attn():
 # ----------------------------------------------------------------------------------- the pack's own imports
 PACK_SOURCES = [ROOT / "__init__.py", *sources("nodes"), *sources("ovis_u1")]
 # Third-party packages the library may import inside a function: optional ones, absent from most installs.
-OPTIONAL_PACKAGES = {"flash_attn", "gguf"}
+OPTIONAL_PACKAGES = {"flash_attn", "gguf", "tqdm"}  # tqdm: only the converter's nicer progress bar
 
 
 def module_name(path: Path) -> str:
