@@ -15,6 +15,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 import torch
@@ -295,7 +296,8 @@ _STORED_DTYPES = {
 _DTYPE_BYTES = {**{name: dtype.itemsize for name, dtype in _STORED_DTYPES.items()},
                 "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}
 _CHUNK_BYTES = 32 << 20  # a tensor that needs converting is converted in pieces of this size
-_RELEASE = hasattr(mmap, "MADV_DONTNEED")  # can mapped file pages be dropped from this process again?
+_RELEASE = hasattr(mmap, "MADV_DONTNEED")
+_CPU = torch.device("cpu")  # can mapped file pages be dropped from this process again?
 
 
 class _ReadAhead:
@@ -371,6 +373,18 @@ def reading_ahead(directory: str | Path):
 MarkFileSlice = Callable[[torch.Tensor, Path, int, int], None]
 
 
+@dataclass(frozen=True)
+class ReadTransform:
+    """Tensors that are stored in another form than they are read in (e.g. scaled fp8, :mod:`ovis_u1.fp8`): each of
+    ``keys`` is read on the CPU as a fresh tensor in the dtype ``dtype_for`` gives it (never a view of the file, so
+    the pages it was read from are dropped again chunk by chunk), handed to ``entries(key, tensor)`` at once, and
+    the state-dict entries that returns take its place, moved to the load's device. Only one such tensor is ever
+    held in its read dtype, on the CPU, whatever the device."""
+
+    keys: frozenset[str]
+    entries: Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
 class _TensorReader:
     """Reads the tensors of one safetensors file, holding at most a few chunks of file data at any time, and looks
     at every value once for NaN/inf while it is at hand.
@@ -416,17 +430,18 @@ class _TensorReader:
             raise CheckpointError(f"{key!r} in {self.path} has dtype {name}, which Ovis-U1 checkpoints never use")
         return _STORED_DTYPES[name]
 
-    def read(self, key: str, dtype: torch.dtype, shape: tuple[int, ...],
-             device: torch.device) -> tuple[torch.Tensor, str | None]:
+    def read(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device,
+             view: bool = True) -> tuple[torch.Tensor, str | None]:
         """The tensor ``key`` as ``dtype`` on ``device``, and what is wrong with its values: None, "corrupt" (NaN/inf
-        in the file) or "overflow" (finite in the file, NaN/inf after the conversion)."""
+        in the file) or "overflow" (finite in the file, NaN/inf after the conversion). ``view=False``: a fresh
+        tensor even where a view of the file would do."""
         stored = self.stored_dtype(key)
         begin, end = self.index[key]["data_offsets"]
         offset, count = self.data_start + begin, (end - begin) // stored.itemsize
         if count == 0:
             return torch.empty(shape, dtype=dtype, device=device), None
         step = max(1, _CHUNK_BYTES // stored.itemsize)
-        if dtype == stored and device.type == "cpu" and offset % stored.itemsize == 0:
+        if view and dtype == stored and device.type == "cpu" and offset % stored.itemsize == 0:
             if self._private is None:
                 self._private = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY)
             out = torch.frombuffer(self._private, dtype=stored, count=count, offset=offset)
@@ -499,6 +514,7 @@ def load_weights(
     rename: Callable[[str], str] = lambda k: k,
     expected: dict[str, tuple[int, ...]] | None = None,
     mark_file_slice: MarkFileSlice | None = None,
+    transform: ReadTransform | None = None,
 ) -> None:
     """Validate the stored keys against the architecture and hand the weights to ``module``'s layers.
 
@@ -519,6 +535,8 @@ def load_weights(
     bytes [offset, offset + size) of ``path``, so that a memory manager able to read weights from their file (ComfyUI's
     file slices) can record where they are; the pages read for the NaN/inf check are then released at once. Converted
     tensors are fresh memory and are never passed to it.
+
+    ``transform`` replaces the tensors of its keys, each right after it is read (:class:`ReadTransform`).
     """
     files = weight_files(directory)
     on_disk = stored_shapes(files)
@@ -544,12 +562,19 @@ def load_weights(
             for key in sorted(keys, key=lambda k: reader.offset(original[k])):  # one sequential pass over the file
                 stored_dtype = reader.stored_dtype(original[key])
                 dtype = dtype_for(key, stored_dtype) if stored_dtype.is_floating_point else stored_dtype
+                transformed = transform is not None and key in transform.keys
                 try:
-                    state[key], problem = reader.read(original[key], dtype, expected[key], device)
+                    tensor, problem = reader.read(original[key], dtype, expected[key],
+                                                  _CPU if transformed else device, view=not transformed)
                 except OSError as e:
                     raise CheckpointError(f"cannot read {original[key]!r} from {path} ({e}); download it again") from e
                 if problem:
                     problems[problem].append(f"{key} ({dtype})")
+                elif transformed:
+                    state.update({k: v.to(device) for k, v in transform.entries(key, tensor).items()})
+                else:
+                    state[key] = tensor
+                del tensor  # a transformed tensor's wide copy goes before the next one is read
     if problems["corrupt"] or problems["overflow"]:
         raise non_finite_error(problems["corrupt"], problems["overflow"], directory)
     result = module.load_state_dict(state, strict=False, assign=True)

@@ -44,19 +44,29 @@ PER_CHANNEL = False  # one scale per tensor (see the module docstring); True: on
 def fp8_scale(weight: Tensor, per_channel: bool = PER_CHANNEL) -> Tensor:
     """The smallest power of two ``s`` with ``max|weight| / s ≤ 448`` (float32; 1 for an all-zero tensor), one for
     the tensor (shape ``()``) or, ``per_channel``, one per output channel (shape ``(out, 1, …)``, broadcasting)."""
-    magnitude = weight.detach().abs().float()
     if per_channel:
+        magnitude = weight.detach().abs().float()
         amax = magnitude.reshape(magnitude.shape[0], -1).amax(dim=1).reshape(-1, *([1] * (weight.dim() - 1)))
-    else:
-        amax = magnitude.amax()
+    else:  # max(|min|, |max|): max|weight| without a copy of the matrix
+        amax = torch.stack(torch.aminmax(weight.detach())).abs().amax().float()
     scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
+QUANTIZE_CHUNK = 1 << 18  # values divided and rounded at a time: no second full-width copy of a matrix
+
+
 def quantize(weight: Tensor, scale: Tensor) -> Tensor:
-    """``weight / scale`` rounded to e4m3fn (exact division: ``scale`` is a power of two)."""
-    scaled = weight.float() / scale.to(weight.device)
-    return scaled.clamp_(-FP8_MAX, FP8_MAX).to(SCALED_DTYPE)
+    """``weight / scale`` rounded to e4m3fn (exact division: ``scale`` is a power of two), ``weight`` (at least 1-D)
+    a few rows at a time."""
+    out = torch.empty(weight.shape, dtype=SCALED_DTYPE, device=weight.device)
+    scale = scale.to(weight.device)
+    rows = max(1, QUANTIZE_CHUNK // max(1, weight[0].numel())) if weight.numel() else 1
+    for first in range(0, weight.shape[0], rows):
+        part = slice(first, first + rows)
+        divided = weight[part].float() / (scale[part] if scale.dim() else scale)
+        out[part] = divided.clamp_(-FP8_MAX, FP8_MAX).to(SCALED_DTYPE)
+    return out
 
 
 def dequantize(values: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -75,12 +85,6 @@ def scaled_entries(key: str, weight: Tensor) -> dict[str, Tensor]:
     layer = key[: -len("weight")]
     scale = fp8_scale(weight)
     return {key: quantize(weight, scale), layer + SCALE_KEY: scale, layer + MARKER_KEY: marker()}
-
-
-def scale_state(state: dict[str, Tensor], keys: set[str]) -> None:
-    """Replace each weight of ``keys`` in ``state`` by its scaled e4m3fn entries, one matrix at a time."""
-    for key in sorted(keys & state.keys()):
-        state.update(scaled_entries(key, state.pop(key)))
 
 
 def pop_scale(state: dict[str, Tensor], prefix: str) -> Tensor | None:

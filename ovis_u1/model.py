@@ -20,7 +20,7 @@ from torch import nn
 
 from . import fp8, gguf, prompts
 from . import attention as attention_kernels
-from .checkpoint import MarkFileSlice, check_directory, load_weights, reading_ahead
+from .checkpoint import MarkFileSlice, ReadTransform, check_directory, load_weights, reading_ahead
 from .config import OvisU1Params, load_params
 from .inputs import (  # re-exported: these names were defined here first
     MAX_CFG,
@@ -638,24 +638,18 @@ def load_model(
         def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
             if key.startswith("visual_generator.vae."):
                 return torch.float32
-            if key in stored_in_fp8:  # a scaled matrix is read as stored and scaled from its own values
-                return stored if storage.scaled else weight_dtype
+            if key in stored_in_fp8:  # a scaled matrix is read in fp32 (every value of a float file exactly)
+                return torch.float32 if storage.scaled else weight_dtype
             return dtype
 
-        # Scaled matrices are read as stored and scaled once all are read (as the state dict reaches the layers),
-        # on the CPU: read onto a GPU they would all sit there in the file's dtype first (bf16: twice fp8's bytes).
-        read_on = torch.device("cpu") if storage.scaled else device
-        if storage.scaled:
-            model.register_load_state_dict_pre_hook(
-                lambda _, state, *args: fp8.scale_state(state, stored_in_fp8)
-            )
+        # Each scaled matrix is scaled as soon as it is read, on the CPU (the scale math is the CPU's, whatever the
+        # device), and only its fp8 entries go to the device: one matrix is ever held wide, not the whole model.
+        scale = ReadTransform(frozenset(stored_in_fp8), fp8.scaled_entries) if storage.scaled else None
         if gguf_path is not None:
             gguf.load_gguf_weights(model, gguf_path, device, dtype_for, shapes)
             shapes = {k: v for k, v in shapes.items() if k.startswith(gguf.VAE_PREFIX)}  # the safetensors beside
-        load_weights(model, directory, read_on, dtype_for, rename=legacy_vae_key, expected=shapes,
-                     mark_file_slice=mark_file_slice)
-    if read_on != device:
-        model.to(device)
+        load_weights(model, directory, device, dtype_for, rename=legacy_vae_key, expected=shapes,
+                     mark_file_slice=mark_file_slice, transform=scale)
     for module in model.modules():  # fp8 tables give their rows in the compute dtype
         if isinstance(module, manual_cast.Embedding):
             module.compute_dtype = dtype

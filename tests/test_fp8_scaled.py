@@ -101,15 +101,36 @@ def test_scaled_storage_stores_the_same_matrices_as_fp8_each_with_its_scale():
     assert isinstance(scaled.vte, manual_cast.Embedding) and scaled.vte.weight_scale is not None
 
 
-def test_onto_another_device_the_matrices_are_scaled_on_the_cpu_and_moved(monkeypatch):
-    """A GPU is another device; "meta" stands in for it here: the weights are read and scaled on the CPU (none is
-    read onto the device in the file's dtype), then the model moves."""
-    read_on = []
-    real = ovis_u1.model.load_weights
+def test_scaled_weights_are_the_scaled_entries_of_the_stored_weights():
+    """Each matrix is scaled as it is read (read in fp32, which holds every value of a float file): the stored values
+    and scales are bit for bit those of :func:`fp8.scaled_entries` applied to the checkpoint's own weights."""
+    model = ovis_u1.load_model(CHECKPOINT, device="cpu", dtype=torch.bfloat16, weight_dtype=SCALED_FP8)
+    state = model.state_dict()
+    with safe_open(str(CHECKPOINT / "model.safetensors"), "pt") as f:
+        for key in sorted(fp8_keys(model)):
+            expected = fp8.scaled_entries(key, f.get_tensor(key))
+            layer = key[: -len("weight")]
+            assert torch.equal(state[key].view(torch.uint8), expected[key].view(torch.uint8)), key
+            assert torch.equal(state[layer + fp8.SCALE_KEY], expected[layer + fp8.SCALE_KEY]), key
+
+
+def test_onto_another_device_each_matrix_is_scaled_on_the_cpu_and_moved(monkeypatch):
+    """A GPU is another device; "meta" stands in for it here: each matrix is read in fp32 and scaled on the CPU as it
+    is read (the CPU's scale math, whatever the device), and only its scaled entries go to the device; the model is
+    read straight onto the device (never held whole on the CPU). Values on "meta" cannot be checked for NaN/inf
+    (on a GPU they are): the check passes them."""
+    all_finite = ovis_u1.checkpoint._all_finite
+    monkeypatch.setattr(ovis_u1.checkpoint, "_all_finite", lambda t: t.is_meta or all_finite(t))
+    scaled_on, read_on = [], []
+    real_entries, real_load = fp8.scaled_entries, ovis_u1.model.load_weights
+    monkeypatch.setattr(fp8, "scaled_entries", lambda key, weight: scaled_on.append((weight.device.type,
+                                                                                      weight.dtype)) or
+                        real_entries(key, weight))
     monkeypatch.setattr(ovis_u1.model, "load_weights", lambda m, d, device, *a, **k: read_on.append(device) or
-                        real(m, d, device, *a, **k))
+                        real_load(m, d, device, *a, **k))
     model = ovis_u1.load_model(CHECKPOINT, device="meta", dtype=torch.bfloat16, weight_dtype=SCALED_FP8)
-    assert read_on == [torch.device("cpu")]
+    assert read_on == [torch.device("meta")]
+    assert len(scaled_on) == len(fp8_keys(model)) and set(scaled_on) == {("cpu", torch.float32)}
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
     assert model.mmdit.img_in.weight.dtype == torch.float8_e4m3fn and model.mmdit.img_in.weight_scale.shape == ()
 
