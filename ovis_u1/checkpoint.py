@@ -296,8 +296,8 @@ _STORED_DTYPES = {
 _DTYPE_BYTES = {**{name: dtype.itemsize for name, dtype in _STORED_DTYPES.items()},
                 "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}
 _CHUNK_BYTES = 32 << 20  # a tensor that needs converting is converted in pieces of this size
-_RELEASE = hasattr(mmap, "MADV_DONTNEED")
-_CPU = torch.device("cpu")  # can mapped file pages be dropped from this process again?
+_RELEASE = hasattr(mmap, "MADV_DONTNEED")  # can mapped file pages be dropped from this process again?
+_CPU = torch.device("cpu")
 
 
 class _ReadAhead:
