@@ -1,6 +1,5 @@
-"""Where the pack runs: ComfyUI present or not, its model folders, devices and dtypes, progress and interruption,
-and the size of a LATENT. Every ComfyUI use here is optional."""
-
+"""Where the pack runs in ComfyUI: its model folders, devices and dtypes, progress and interruption, and the size
+of a LATENT."""
 
 from __future__ import annotations
 
@@ -11,18 +10,14 @@ from pathlib import Path
 import torch
 
 from ...ovis_u1 import OvisU1InputError
-from ...ovis_u1.checkpoint import default_model_roots, find_model_dirs, model_dir_named
+from ...ovis_u1.checkpoint import find_model_dirs, model_dir_named
 
-try:  # ComfyUI's own modules; absent outside ComfyUI
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.utils
-    import folder_paths
-except ImportError:
-    mm = None
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
 
 MODEL_FOLDER = "ovis_u1"
-IN_COMFYUI = mm is not None
+IN_COMFYUI = True  # the nodes load only inside ComfyUI (V3 schema); memory.py still reads it
 
 log = logging.getLogger("ComfyUI-Ovis-U1")
 
@@ -30,15 +25,12 @@ log = logging.getLogger("ComfyUI-Ovis-U1")
 # ------------------------------------------------------------------------------------------------ model folders
 def register_model_folder() -> None:
     """Make ``models/ovis_u1`` a ComfyUI model folder; ``ovis_u1:`` entries of extra_model_paths.yaml add to it."""
-    if IN_COMFYUI:
-        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
 
 
 def model_roots() -> list[Path]:
     """The folders searched for Ovis-U1 checkpoint folders, in priority order."""
-    if IN_COMFYUI:
-        return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
-    return default_model_roots()
+    return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
 
 
 def list_models() -> list[str]:
@@ -54,25 +46,21 @@ def resolve_model(name: str) -> Path | None:
 
 # --------------------------------------------------------------------------------------------- devices, dtypes
 def load_device() -> torch.device:
-    return mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+    return mm.get_torch_device()
 
 
 def offload_device(part: str = "llm") -> torch.device:
-    if not IN_COMFYUI:
-        return torch.device("cpu")
     return mm.vae_offload_device() if part == "vae" else mm.unet_offload_device()
 
 
 def intermediate_device() -> torch.device:
-    return mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+    return mm.intermediate_device()
 
 
 def auto_dtype() -> torch.dtype:
     """The dtype ComfyUI's model management recommends for the load device (bf16 where it is fast, else fp32; fp16 is
     left to an explicit choice, as for ComfyUI's other Qwen-based models). fp32 on a GPU is said on the console
     (``fp32_on_gpu_note``): it doubles the weights' memory, and the user may prefer fp16."""
-    if not IN_COMFYUI:
-        return torch.float32
     device = load_device()
     dtype = mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float32])
     if dtype == torch.float32 and not mm.is_device_cpu(device):
@@ -90,10 +78,6 @@ def fp32_on_gpu_note(device: torch.device) -> str:
             "NaN, go back to fp32)")
 
 
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def latent_size(latent, name: str = "latent") -> tuple[int, int]:
     """(width, height) in pixels of a LATENT of images."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
@@ -106,8 +90,7 @@ def latent_size(latent, name: str = "latent") -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ progress and interruption
 def check_interrupt() -> None:
     """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
-    if IN_COMFYUI:
-        mm.throw_exception_if_processing_interrupted()
+    mm.throw_exception_if_processing_interrupted()
 
 
 class Progress:
@@ -115,14 +98,12 @@ class Progress:
 
     def __init__(self, total: int):
         self.total = total
-        self.bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+        self.bar = comfy.utils.ProgressBar(total)
 
     def update(self, done: int) -> None:
         check_interrupt()
-        if self.bar is not None:
-            self.bar.update_absolute(done, self.total)
+        self.bar.update_absolute(done, self.total)
 
     def finish(self) -> None:
         """Fill the bar (generation may stop before ``total``); never interrupts finished work."""
-        if self.bar is not None:
-            self.bar.update_absolute(self.total, self.total)
+        self.bar.update_absolute(self.total, self.total)
