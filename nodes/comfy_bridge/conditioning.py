@@ -16,6 +16,7 @@ The bridge's model class and the nodes share it.
 from __future__ import annotations
 
 from ...ovis_u1 import OvisU1InputError
+from ...ovis_u1.inputs import describe_foreign
 from ...ovis_u1.sampling import GUIDED_BRANCHES
 
 from .host import intermediate_device
@@ -27,15 +28,6 @@ OUTPUT_BRANCHES = {
 }
 CONTEXT_BRANCHES = {name for name, sees_context in GUIDED_BRANCHES["edit"] if sees_context}
 NODE = "'Ovis-U1 Encode Condition'"
-
-# Widths of other models' text states, to name where a foreign CONDITIONING came from.
-KNOWN_WIDTHS = {
-    768: "a CLIP-L text encoder (SD 1.x)",
-    1024: "an OpenCLIP-H text encoder (SD 2.x)",
-    2048: "SDXL's CLIP-L + CLIP-G",
-    3584: "Qwen2.5-VL (Qwen-Image)",
-    4096: "a T5-XXL text encoder (FLUX, SD3, Wan, ...)",
-}
 
 
 def conditioning_outputs(condition, reference_latent=None) -> tuple[list, list, list]:
@@ -51,16 +43,6 @@ def conditioning_outputs(condition, reference_latent=None) -> tuple[list, list, 
     return tuple(outputs)
 
 
-def describe_foreign(states, options: dict) -> str:
-    """Where a CONDITIONING without the pack's mark most likely came from."""
-    shape = list(states.shape) if hasattr(states, "shape") else type(states).__name__
-    width = states.shape[-1] if hasattr(states, "shape") and states.ndim else None
-    origin = KNOWN_WIDTHS.get(width, "another model's text encoder")
-    pooled = options.get("pooled_output") if isinstance(options, dict) else None
-    extra = f" and a pooled_output of {pooled.shape[-1]}" if hasattr(pooled, "shape") else ""
-    return f"states {shape}{extra}, most likely from {origin} (e.g. CLIPTextEncode)"
-
-
 def mark_of(entry, name: str) -> dict:
     """The pack's mark of one ``[tensor, options]`` of the CONDITIONING input ``name``; a foreign entry is an error
     that names its origin."""
@@ -70,8 +52,9 @@ def mark_of(entry, name: str) -> dict:
     states, options = entry
     mark = options.get(MARK)
     if not isinstance(mark, dict):
+        origin = describe_foreign(states, options.get("pooled_output"))
         raise OvisU1InputError(
-            f"{name}: this CONDITIONING did not come from {NODE} ({describe_foreign(states, options)}); Ovis-U1's "
+            f"{name}: this CONDITIONING did not come from {NODE} ({origin}); Ovis-U1's "
             f"MMDiT only understands its own LLM's conditioning: connect {NODE} instead"
         )
     return mark

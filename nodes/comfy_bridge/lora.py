@@ -40,11 +40,11 @@ Everything is optional: a ComfyUI without these functions keeps its own behaviou
 from __future__ import annotations
 
 import functools
-import logging
+
+import comfy.lora
 
 from ...ovis_u1 import OvisU1InputError
 
-log = logging.getLogger("ComfyUI-Ovis-U1")
 
 # The prefixes added in front of a MMDiT weight's name (see the module docstring for who writes which).
 OFFICIAL_PREFIX = "visual_generator.backbone."
@@ -111,19 +111,10 @@ def _wrap_load(original):
 
 def install() -> bool:
     """Wrap ``comfy.lora.model_lora_keys_unet`` and ``comfy.lora.load_lora`` once (idempotent; a second copy of the
-    pack only adds its OvisU1Model class to the existing wrapper). False where ComfyUI lacks them."""
-    try:
-        import comfy.lora
-    except ImportError:
-        return False
+    pack only adds its OvisU1Model class to the existing wrapper)."""
     from .core_model import OvisU1Model
 
-    keys = getattr(comfy.lora, "model_lora_keys_unet", None)
-    load = getattr(comfy.lora, "load_lora", None)
-    if not callable(keys) or not callable(load):
-        log.warning("ComfyUI-Ovis-U1: this ComfyUI has no comfy.lora.model_lora_keys_unet/load_lora; LoRAs load "
-                    "only in ComfyUI's own key layouts (diffusion_model.<layer>, lora_unet_<layer>)")
-        return False
+    keys, load = comfy.lora.model_lora_keys_unet, comfy.lora.load_lora
     served = getattr(keys, MARK, None)
     if served is None:
         comfy.lora.model_lora_keys_unet = _wrap_keys(keys, [OvisU1Model])
