@@ -125,6 +125,12 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+def storage_dtype(module: nn.Module, compute: torch.dtype) -> torch.dtype:
+    """The fp8 dtype a part's matrices are stored in, or ``compute`` where none is fp8."""
+    fp8 = [p.dtype for p in module.parameters() if is_fp8(p.dtype)]
+    return fp8[0] if fp8 else compute
+
+
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a part computes in: that of its first floating parameter not stored in fp8.
 

@@ -30,9 +30,9 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.supported_models_base
 
-from ...ovis_u1 import OvisU1InputError, attention, estimates
+from ...ovis_u1 import OvisU1InputError, attention, estimates, operations
 from ...ovis_u1.inputs import NOT_SAVABLE, check_context_size, check_latent_size, not_flow_matching
-from ...ovis_u1.mmdit import MMDiT
+from ...ovis_u1.mmdit import MMDiT, PositionCache
 from ...ovis_u1.sampling import image_tokens, in_noise_precision, pack_latents, shift_mu, unpack_latents
 from ...ovis_u1.vae import scale_latent, unscale_latent
 
@@ -123,7 +123,7 @@ class OvisU1MMDiT(MMDiT):
         else:
             context_tokens = None
         text = context.to(x.dtype)
-        cache = transformer_options.get(PerSamplingCache.KEY)
+        cache = transformer_options.get(PER_SAMPLING)
         positions = None
         if cache is not None:
             positions = cache.positions(self, text.shape[1], height, width, bool(ref_latents), x.device)
@@ -136,41 +136,23 @@ class OvisU1MMDiT(MMDiT):
         return unpack_latents(velocity, height, width, channels=x.shape[1])
 
 
-class PerSamplingCache:
-    """What a denoising step needs that depends on shapes alone — the RoPE tables of [text, noise (, context)]
-    (position ids, float64 angles) — made once per sampling run instead of at every step.
-
-    One cache per run: ``per_sampling_cache`` (a ``WrappersMP.OUTER_SAMPLE`` wrapper of the core MODEL) puts a new
-    one into the run's ``transformer_options`` and drops it when the run ends, so nothing outlives the run on the
-    device, and runs of a shared model never see each other's. Keyed by text length, size, context and device:
-    conditionings of different text lengths (positive / negative) get a table each, alternating freely. Not a dict,
-    so that ComfyUI's per-step copies of ``transformer_options`` hand on the same object.
-    """
-
-    KEY = "ovis_u1_per_sampling"
-
-    def __init__(self):
-        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def positions(self, mmdit, txt_len: int, height: int, width: int, with_context: bool, device):
-        key = (id(mmdit), txt_len, height, width, with_context, str(device))
-        if key not in self.tables:
-            self.tables[key] = mmdit.positions(txt_len, height, width, with_context, device)
-        return self.tables[key]
+PER_SAMPLING = "ovis_u1_per_sampling"  # transformer_options: the run's PositionCache
 
 
 def per_sampling_cache(executor, *args, **kwargs):
-    """``WrappersMP.OUTER_SAMPLE`` wrapper: a fresh ``PerSamplingCache`` for the run the guider starts."""
+    """``WrappersMP.OUTER_SAMPLE`` wrapper: a fresh ``PositionCache`` in the ``transformer_options`` of the run the
+    guider starts, dropped when it ends, so nothing outlives the run on the device and runs of a shared model never
+    see each other's. Not a dict, so ComfyUI's per-step copies of ``transformer_options`` hand on the same object."""
     options = executor.class_obj.model_options.setdefault("transformer_options", {})
-    previous = options.get(PerSamplingCache.KEY)
-    options[PerSamplingCache.KEY] = PerSamplingCache()
+    previous = options.get(PER_SAMPLING)
+    options[PER_SAMPLING] = PositionCache()
     try:
         return executor(*args, **kwargs)
     finally:
         if previous is None:
-            options.pop(PerSamplingCache.KEY, None)
+            options.pop(PER_SAMPLING, None)
         else:
-            options[PerSamplingCache.KEY] = previous
+            options[PER_SAMPLING] = previous
 
 
 class OvisU1Model(comfy.model_base.BaseModel):
@@ -281,24 +263,18 @@ def attention_scores(kernel: attention.Kernel | None) -> str:
     return estimates.SCORES_CHUNKED
 
 
-def _storage_dtype(mmdit, compute_dtype: torch.dtype) -> torch.dtype:
-    dtypes = {p.dtype for p in mmdit.parameters() if p.dtype.is_floating_point}
-    fp8 = [d for d in dtypes if d.itemsize == 1]
-    return fp8[0] if fp8 else compute_dtype
-
-
 def make_core_model(ovis, compute_dtype: torch.dtype, disable_dynamic: bool = False):
     """The MMDiT of a loaded OvisU1 (built with ``mmdit_class=OvisU1MMDiT``) as a core MODEL: a patcher over
     ``OvisU1Model``, sized by the MMDiT's own weights (a plain ``ModelPatcher`` with ``disable_dynamic``)."""
     mmdit = ovis.mmdit
-    storage = _storage_dtype(mmdit, compute_dtype)
+    storage = operations.storage_dtype(mmdit, compute_dtype)
     mmdit.dtype = storage
     mmdit.kernel = ovis.attention
     config = OvisU1ModelConfig(ovis.params, compute_dtype, storage)
     model = OvisU1Model(config, mmdit)
     patcher = patcher_class(disable_dynamic)(model, load_device=load_device(), offload_device=offload_device(),
                                              size=weight_bytes(mmdit))
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PerSamplingCache.KEY,
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PER_SAMPLING,
                                  per_sampling_cache)
     patch_on_load(patcher)  # patches reach the QK-norm scales and cls_token on every load path
     return patcher
