@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ...ovis_u1 import OvisU1InputError
+from ...ovis_u1 import OvisU1InputError, operations
 from ...ovis_u1.checkpoint import find_model_dirs, model_dir_named
 
 import comfy.model_management as mm
@@ -60,22 +60,12 @@ def intermediate_device() -> torch.device:
 def auto_dtype() -> torch.dtype:
     """The dtype ComfyUI's model management recommends for the load device (bf16 where it is fast, else fp32; fp16 is
     left to an explicit choice, as for ComfyUI's other Qwen-based models). fp32 on a GPU is said on the console
-    (``fp32_on_gpu_note``): it doubles the weights' memory, and the user may prefer fp16."""
+    (``ovis_u1.operations.fp32_on_gpu_note``): it doubles the weights' memory, and the user may prefer fp16."""
     device = load_device()
     dtype = mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float32])
     if dtype == torch.float32 and not mm.is_device_cpu(device):
-        log.warning(fp32_on_gpu_note(device))
+        log.warning(operations.fp32_on_gpu_note(device))
     return dtype
-
-
-def fp32_on_gpu_note(device: torch.device) -> str:
-    """The console line of an ``auto`` dtype that came out fp32 on a GPU: what, why (ComfyUI's bf16 check,
-    ``model_management.should_use_bf16``, says no: Pascal/Turing and older, or ComfyUI was told to use fp32) and
-    how to pick fp16."""
-    return (f"[Ovis-U1] dtype auto: fp32 on {device}, because ComfyUI does not use bf16 on it (a GPU without bf16, "
-            "e.g. Pascal or Turing, or --force-fp32): the weights take twice the memory of bf16 (about 14 GB for "
-            "Ovis-U1-3B). To halve that, set the Model Loader's dtype to fp16 (if an image comes out black or with "
-            "NaN, go back to fp32)")
 
 
 def latent_size(latent, name: str = "latent") -> tuple[int, int]:
