@@ -8,8 +8,8 @@ is loaded partially, the rest of its weights are cast to the device layer by lay
 
 Each part gets its own patcher (``CoreModelPatcher``, which ComfyUI swaps for its dynamic patcher on NVIDIA): the
 encoder's is here (``OvisU1Encoder``), the MMDiT's is the core MODEL (``core_model``), the VAE's the core VAE's
-(``core_vae``). Each is loaded by ``load_models_gpu`` with an activation
-estimate and *without* ``force_full_load``, so ComfyUI decides between a full and a partial load.
+(``core_vae``). Each is loaded by ``load_models_gpu`` with an activation estimate and *without* ``force_full_load``,
+so ComfyUI decides between a full and a partial load.
 """
 
 from __future__ import annotations
