@@ -7,14 +7,13 @@ import logging
 import os
 from pathlib import Path
 
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
 import torch
 
 from ...ovis_u1 import OvisU1InputError, operations
 from ...ovis_u1.checkpoint import find_model_dirs, model_dir_named
-
-import comfy.model_management as mm
-import comfy.utils
-import folder_paths
 
 MODEL_FOLDER = "ovis_u1"
 IN_COMFYUI = True  # the nodes load only inside ComfyUI (V3 schema); memory.py still reads it
