@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 PACK = "comfyui_ovis_u1_bench"
 
 
@@ -69,15 +71,17 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--json", type=Path)
     a = parser.parse_args()
+    from tests.pack import node_classes  # before ComfyUI's folder, which has a tests package too, joins sys.path
+
     pack = comfy_pack(a.model)
     import comfy.model_management as mm
 
     estimates = sys.modules[f"{PACK}.ovis_u1.estimates"]
-    loader = pack.NODE_CLASS_MAPPINGS["OvisU1ModelLoader"]()
+    loader = node_classes(pack)["OvisU1ModelLoader"]
     rows = []
     for mode in ("full", "partial", "fp8"):
-        encoder, model, vae = loader.load("bench", dtype="bf16",
-                                          weight_dtype="fp8_e4m3fn" if mode == "fp8" else "default")
+        encoder, model, vae = loader.execute("bench", dtype="bf16", attention="auto",
+                                             weight_dtype="fp8_e4m3fn" if mode == "fp8" else "default").args
         patchers = {"llm": encoder.patcher, "mmdit": model, "vae": vae.patcher}
         activation = {
             "llm": estimates.condition_request_memory(encoder.params, "t2i", 1024, 1024,

@@ -421,10 +421,11 @@ def register_model(model_dir: Path, cache_dir: Path) -> None:
 
 
 def run_node(cls, **inputs):
-    """A node's function as the executor calls it (classic nodes through FUNCTION, V3 nodes through execute)."""
-    if hasattr(cls, "FUNCTION"):
-        return getattr(cls(), cls.FUNCTION)(**inputs)
-    return tuple(cls.execute(**inputs).args)
+    """A node's outputs, called as the executor calls it: a V3 node (the pack's, ComfyUI's newer ones) through its
+    ``execute`` classmethod (an ``io.NodeOutput``), a classic one through its FUNCTION on an instance."""
+    if hasattr(cls, "GET_SCHEMA"):
+        return tuple(cls.execute(**inputs).args)
+    return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
 class Probe:
@@ -505,9 +506,10 @@ class Workflow:
 
         ovis.understand = counting
 
-    def sample(self, positive, negative, latent, steps, **guidance):
+    def sample(self, positive, negative, latent, steps, txt_cfg: float, img_cfg: float = 1.5, middle=None):
         (samples,) = run_node(self.node["OvisU1Sampler"], model=self.model, positive=positive, negative=negative,
-                              latent=latent, seed=SEED, steps=steps, **guidance)
+                              latent=latent, seed=SEED, steps=steps, txt_cfg=txt_cfg, img_cfg=img_cfg,
+                              timestep_shift="config", middle=middle)
         (image,) = run_node(self.core.VAEDecode, vae=self.vae, samples=samples)
         return image
 
@@ -526,7 +528,7 @@ class Workflow:
 
     def understand(self, new_tokens: int):
         return run_node(self.node["OvisU1Understand"], encoder=self.encoder, question=QUESTION,
-                        max_new_tokens=new_tokens, image=self.image)
+                        max_new_tokens=new_tokens, images={"image0": self.image}, sampling={"sampling": "greedy"})
 
     def run(self, task: str, warm_up: bool = False):
         if task == "understand":

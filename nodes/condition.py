@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..ovis_u1 import OvisU1InputError
+from ..ovis_u1.inputs import check_mode_inputs
 
 from . import comfy_bridge as bridge
 from .comfy_bridge import conditioning, sampling
@@ -14,7 +14,6 @@ from .loader import ENCODER_INPUT, Encoder
 # A plain combo and optional sockets, not a DynamicCombo: the frontends of ComfyUI 0.18.1 (1.42) and 0.33.0 (1.49)
 # fail to build a node whose DynamicCombo shows a link input for its default option (README, "Encode Condition").
 MODES = {"text-to-image": "t2i", "edit": "edit"}
-EDIT_INPUTS = "an edit needs the 'resized_image' and the 'context' of 'Ovis-U1 Edit Context Encoder': connect both"
 BRANCH_OUTPUTS = [
     io.Conditioning.Output(display_name="positive", tooltip=(
         "The prompt branch (official 'cond'): positive of 'Ovis-U1 MMDiT Sampler', CFGGuider, KSampler; cond1 of "
@@ -60,16 +59,12 @@ class OvisU1EncodeCondition(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder, prompt: str, mode: str, latent=None, image=None, context=None) -> io.NodeOutput:
+        check_mode_inputs(MODES[mode], {"latent": latent, "image": image, "context": context}, mode)
         if MODES[mode] == "t2i":
-            if latent is None:
-                raise OvisU1InputError("latent: text-to-image draws on a canvas of the latent's size: connect the "
-                                       "latent you will sample (e.g. EmptyLatentImage)")
             width, height = bridge.latent_size(latent, "latent")
             condition = encoder.load_for_condition("t2i", width, height).encode_condition(
                 prompt, "t2i", width=width, height=height)
             return io.NodeOutput(*conditioning.conditioning_outputs(condition))
-        if image is None or context is None:
-            raise OvisU1InputError(f"{'image' if image is None else 'context'}: {EDIT_INPUTS}")
         width, height = bridge.latent_size(context, "context")
         source = to_pil(image, "image")
         condition = encoder.load_for_condition("edit", width, height).encode_condition(
@@ -96,12 +91,7 @@ class OvisU1Refiner(io.ComfyNode):
                 io.Conditioning.Input("middle", optional=True,
                                       tooltip="'middle' of 'Ovis-U1 Encode Condition' (edits)."),
             ],
-            outputs=[
-                io.Conditioning.Output(display_name="positive", tooltip="The refined prompt branch."),
-                io.Conditioning.Output(display_name="middle", tooltip=(
-                    "The refined image-only branch (the refined negative when middle is not connected).")),
-                io.Conditioning.Output(display_name="negative", tooltip="The refined unconditional branch."),
-            ],
+            outputs=BRANCH_OUTPUTS,  # the same branches, refined
         )
 
     @classmethod

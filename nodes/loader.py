@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..ovis_u1 import CheckpointError
+from ..ovis_u1.checkpoint import missing_model_message
 
 from . import comfy_bridge as bridge
 
@@ -13,15 +14,6 @@ Encoder = io.Custom("OVIS_U1_ENCODER")
 ENCODER_INPUT = {"tooltip": "The 'encoder' output of 'Ovis-U1 Model Loader'."}
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "flash_attn")
-
-
-def _missing_model_message(name: str) -> str:
-    roots = ", ".join(str(r) for r in bridge.model_roots()) or "(none)"
-    return (
-        f"model {name!r} is not an Ovis-U1 checkpoint folder in {roots}: put the complete ATH-MaaS/Ovis-U1-3B "
-        "download (formerly AIDC-AI/Ovis-U1-3B) in a folder there (e.g. models/ovis_u1/Ovis-U1-3B, or an "
-        "'ovis_u1:' entry of extra_model_paths.yaml) and pick it in the model list"
-    )
 
 
 class OvisU1ModelLoader(io.ComfyNode):
@@ -75,7 +67,7 @@ class OvisU1ModelLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model):
         # Replaces ComfyUI's "value not in list" check with a message that says where the folder must go.
-        return True if bridge.resolve_model(model) is not None else _missing_model_message(model)
+        return True if bridge.resolve_model(model) is not None else missing_model_message(model, bridge.model_roots())
 
     @classmethod
     def execute(cls, model: str, dtype: str, attention: str, weight_dtype: str = "default") -> io.NodeOutput:

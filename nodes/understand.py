@@ -10,6 +10,9 @@ from . import comfy_bridge as bridge
 from .image import to_pil_list
 from .loader import ENCODER_INPUT, Encoder
 
+NOT_API_NAMES = ("not this node's API input names (a prompt of the classic node?): send sampling 'greedy', or "
+                 "'sample' with sampling.temperature, sampling.top_p and sampling.seed; images go to images.image0, "
+                 "images.image1, ... (README, 'API input names')")
 IMAGES_TOOLTIP = ("Images to ask about: a new socket appears for each one connected (each may be a batch; all go into "
                   "the same prompt). Connect none for a text-only chat.")
 SAMPLING = [
@@ -61,10 +64,7 @@ class OvisU1Understand(io.ComfyNode):
     def execute(cls, encoder, question: str, max_new_tokens: int, sampling: dict | None = None,
                 images: dict | None = None, instruction: str = "", **classic) -> io.NodeOutput:
         if sampling is None or classic:  # ComfyUI requires a DynamicCombo only when the prompt names it
-            raise OvisU1InputError(
-                f"{', '.join(classic) or 'sampling'}: not this node's API input names (a prompt of the classic "
-                "node?): send sampling 'greedy', or 'sample' with sampling.temperature, sampling.top_p and "
-                "sampling.seed; images go to images.image0, images.image1, ... (README, 'API input names')")
+            raise OvisU1InputError(f"{', '.join(classic) or 'sampling'}: {NOT_API_NAMES}")
         connected = sorted((images or {}).items(), key=lambda item: int(item[0].removeprefix("image")))
         pictures = [p for name, image in connected for p in to_pil_list(image, f"images.{name}")] or None
         progress = bridge.Progress(max_new_tokens)

@@ -634,6 +634,16 @@ def is_folder_name(name) -> bool:
             and not PureWindowsPath(name).drive)
 
 
+def missing_model_message(name: str, roots) -> str:
+    """What the loader says of a model name that is no checkpoint folder of ``roots``: where the download must go."""
+    shown = ", ".join(str(r) for r in roots) or "(none)"
+    return (
+        f"model {name!r} is not an Ovis-U1 checkpoint folder in {shown}: put the complete ATH-MaaS/Ovis-U1-3B "
+        "download (formerly AIDC-AI/Ovis-U1-3B) in a folder there (e.g. models/ovis_u1/Ovis-U1-3B, or an "
+        "'ovis_u1:' entry of extra_model_paths.yaml) and pick it in the model list"
+    )
+
+
 def model_dir_named(name, roots: list[str | Path]) -> Path | None:
     """The folder a loader's model ``name`` stands for: the checkpoint folder of that name that
     :func:`find_model_dirs` lists, failing that an entry of that name directly inside a root (loading it then explains

@@ -247,8 +247,12 @@ def check_host_image(images, name: str, max_pixels: int | None = MAX_ENCODE_PIXE
     if not 1 <= channels <= 4:
         raise OvisU1InputError(f"{name}: an image of {channels} channels; Ovis-U1's VAE encodes RGB (gray, gray + "
                                "alpha and RGBA are converted): convert it to RGB first")
+    if not images.is_floating_point():
+        raise OvisU1InputError(f"{name}: expected a float IMAGE with values 0..1, got {images.dtype}; convert it "
+                               "(divide 8-bit values by 255)")
     check_encodable_size(images.shape[2], images.shape[1], name, max_pixels)
-    check_finite(images, name)
+    check_finite(images, name, "the node that made this image computed NaN/inf; fix or replace that node (NaN is "
+                               "never treated as black here)")
     return images[..., :1].expand(-1, -1, -1, 3) if channels < 3 else images[..., :3]
 
 
@@ -313,3 +317,69 @@ def check_edit_image(image, name: str = "image") -> tuple[int, int]:
             "pad the image to an aspect ratio of at most 16:1 (and at least 64 pixels on each side) before editing"
         )
     return edit_w, edit_h
+
+
+# Which of Encode Condition's optional inputs each mode reads, and what to connect when one is missing.
+MODE_INPUTS = {
+    "t2i": {"latent": "text-to-image draws on a canvas of the latent's size: connect the latent you will sample (e.g. "
+                      "EmptyLatentImage)"},
+    "edit": dict.fromkeys(("image", "context"), "an edit needs the 'resized_image' and the 'context' of 'Ovis-U1 Edit "
+                                                "Context Encoder': connect both"),
+}
+
+
+# The edit inputs connected in text-to-image would be silently dropped; an edit ignores a connected latent (its size
+# is the context's), as the latent's tooltip says, so that switching a text-to-image graph to edit keeps working.
+REFUSED_INPUTS = {"t2i": ("image", "context"), "edit": ()}
+
+
+def check_mode_inputs(mode: str, connected: dict, mode_name: str) -> None:
+    """Every input of ``connected`` (name → value or None) that ``mode`` reads is there, and none it refuses."""
+    for name in REFUSED_INPUTS[mode]:
+        if connected.get(name) is not None:
+            raise OvisU1InputError(f"{name}: mode {mode_name} does not use it; disconnect it, or pick mode edit")
+    for name, fix in MODE_INPUTS[mode].items():
+        if connected.get(name) is None:
+            raise OvisU1InputError(f"{name}: {fix}")
+
+
+def check_context_size(reference_shape, latent_shape) -> None:
+    """An edit's source latent has the size of the latent sampled with it (shapes [..., h, w])."""
+    if tuple(reference_shape[-2:]) != tuple(latent_shape[-2:]):
+        raise OvisU1InputError(
+            f"the edit context is {reference_shape[-1] * 8}×{reference_shape[-2] * 8} but the latent is "
+            f"{latent_shape[-1] * 8}×{latent_shape[-2] * 8}: sample the 'latent' of the Edit Context Encoder"
+        )
+
+
+# Widths of other models' text states, to name where a foreign conditioning came from.
+KNOWN_WIDTHS = {
+    768: "a CLIP-L text encoder (SD 1.x)",
+    1024: "an OpenCLIP-H text encoder (SD 2.x)",
+    2048: "SDXL's CLIP-L + CLIP-G",
+    3584: "Qwen2.5-VL (Qwen-Image)",
+    4096: "a T5-XXL text encoder (FLUX, SD3, Wan, ...)",
+}
+
+
+def describe_foreign(states, pooled=None) -> str:
+    """Where conditioning states (and a pooled vector) that are not Ovis-U1's most likely came from."""
+    shape = list(states.shape) if hasattr(states, "shape") else type(states).__name__
+    width = states.shape[-1] if hasattr(states, "shape") and states.ndim else None
+    origin = KNOWN_WIDTHS.get(width, "another model's text encoder")
+    extra = f" and a pooled_output of {pooled.shape[-1]}" if hasattr(pooled, "shape") else ""
+    return f"states {shape}{extra}, most likely from {origin} (e.g. CLIPTextEncode)"
+
+
+NOT_SAVABLE = ("model: Ovis-U1's MODEL cannot be saved as a single-file checkpoint; nothing could load it back "
+               "without the LLM, visual encoder and tokenizer. Keep the checkpoint folder (models/ovis_u1) and save "
+               "LoRAs or images instead")
+
+
+def not_flow_matching(kind: str) -> OvisU1InputError:
+    """The error of a sampling object (``kind``, e.g. ModelSamplingDiscrete) that is not flow matching."""
+    return OvisU1InputError(
+        f"model: its sampling is {kind}, which is not flow matching; Ovis-U1 predicts a flow velocity: remove the "
+        "ModelSampling node that set it (ModelSamplingSD3, ModelSamplingFlux and ModelSamplingAuraFlow shift the "
+        "schedule and work)"
+    )

@@ -347,3 +347,18 @@ class MMDiT(nn.Module):
         # The final layer is per-token: run it on the noise tokens only (text and context outputs are dropped).
         start = txt.shape[1]
         return self.final_layer(seq[:, start : start + x.shape[1]], vec)
+
+
+class PositionCache:
+    """The RoPE tables of one sampling run (``MMDiT.positions``: position ids, float64 angles), made once per shape
+    instead of at every step. Keyed by text length, size, context and device: conditionings of different text
+    lengths (positive / negative) get a table each, alternating freely."""
+
+    def __init__(self):
+        self.tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def positions(self, mmdit: MMDiT, txt_len: int, height: int, width: int, with_context: bool, device):
+        key = (id(mmdit), txt_len, height, width, with_context, str(device))
+        if key not in self.tables:
+            self.tables[key] = mmdit.positions(txt_len, height, width, with_context, device)
+        return self.tables[key]

@@ -125,6 +125,22 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+def storage_dtype(module: nn.Module, compute: torch.dtype) -> torch.dtype:
+    """The fp8 dtype a part's matrices are stored in, or ``compute`` where none is fp8."""
+    fp8 = [p.dtype for p in module.parameters() if is_fp8(p.dtype)]
+    return fp8[0] if fp8 else compute
+
+
+def fp32_on_gpu_note(device) -> str:
+    """The console line of an ``auto`` dtype that came out fp32 on a GPU: what, why (ComfyUI's bf16 check,
+    ``model_management.should_use_bf16``, says no: Pascal/Turing and older, or ComfyUI was told to use fp32) and
+    how to pick fp16."""
+    return (f"[Ovis-U1] dtype auto: fp32 on {device}, because ComfyUI does not use bf16 on it (a GPU without bf16, "
+            "e.g. Pascal or Turing, or --force-fp32): the weights take twice the memory of bf16 (about 14 GB for "
+            "Ovis-U1-3B). To halve that, set the Model Loader's dtype to fp16 (if an image comes out black or with "
+            "NaN, go back to fp32)")
+
+
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a part computes in: that of its first floating parameter not stored in fp8.
 

@@ -6,36 +6,18 @@ pack's mark (``MARK``: mode, branch, refined) and, on the branches that see the 
 latent as ``reference_latents`` (raw VAE latent, as ComfyUI's ReferenceLatent attaches it). The Refiner replaces the
 states by the refined text tokens [1, L, hidden] and adds their pooled vector as ``pooled_output``.
 
-The branches (the official ``generate_img`` of Ovis-U1 runs the MMDiT on each and mixes the velocities):
-text-to-image: cond (prompt) and no_both (unconditional); edit: cond, no_txt (image only) and no_both. The noise of
-cond and no_txt attends to the source latent; no_both sees neither text nor image.
-
-The bridge's model class and the nodes share it.
+The branches and the check of their wiring: ``ovis_u1.wiring``. The bridge's model class and the nodes share it.
 """
 
 from __future__ import annotations
 
-from ...ovis_u1 import OvisU1InputError
-from ...ovis_u1.sampling import GUIDED_BRANCHES
+from ...ovis_u1 import OvisU1InputError, wiring
+from ...ovis_u1.inputs import describe_foreign
+from ...ovis_u1.wiring import CONTEXT_BRANCHES, NODE, OUTPUT_BRANCHES
 
 from .host import intermediate_device
 
 MARK = "ovis_u1"
-OUTPUT_BRANCHES = {
-    "t2i": {"positive": "cond", "middle": "no_both", "negative": "no_both"},
-    "edit": {"positive": "cond", "middle": "no_txt", "negative": "no_both"},
-}
-CONTEXT_BRANCHES = {name for name, sees_context in GUIDED_BRANCHES["edit"] if sees_context}
-NODE = "'Ovis-U1 Encode Condition'"
-
-# Widths of other models' text states, to name where a foreign CONDITIONING came from.
-KNOWN_WIDTHS = {
-    768: "a CLIP-L text encoder (SD 1.x)",
-    1024: "an OpenCLIP-H text encoder (SD 2.x)",
-    2048: "SDXL's CLIP-L + CLIP-G",
-    3584: "Qwen2.5-VL (Qwen-Image)",
-    4096: "a T5-XXL text encoder (FLUX, SD3, Wan, ...)",
-}
 
 
 def conditioning_outputs(condition, reference_latent=None) -> tuple[list, list, list]:
@@ -51,16 +33,6 @@ def conditioning_outputs(condition, reference_latent=None) -> tuple[list, list, 
     return tuple(outputs)
 
 
-def describe_foreign(states, options: dict) -> str:
-    """Where a CONDITIONING without the pack's mark most likely came from."""
-    shape = list(states.shape) if hasattr(states, "shape") else type(states).__name__
-    width = states.shape[-1] if hasattr(states, "shape") and states.ndim else None
-    origin = KNOWN_WIDTHS.get(width, "another model's text encoder")
-    pooled = options.get("pooled_output") if isinstance(options, dict) else None
-    extra = f" and a pooled_output of {pooled.shape[-1]}" if hasattr(pooled, "shape") else ""
-    return f"states {shape}{extra}, most likely from {origin} (e.g. CLIPTextEncode)"
-
-
 def mark_of(entry, name: str) -> dict:
     """The pack's mark of one ``[tensor, options]`` of the CONDITIONING input ``name``; a foreign entry is an error
     that names its origin."""
@@ -70,36 +42,18 @@ def mark_of(entry, name: str) -> dict:
     states, options = entry
     mark = options.get(MARK)
     if not isinstance(mark, dict):
+        origin = describe_foreign(states, options.get("pooled_output"))
         raise OvisU1InputError(
-            f"{name}: this CONDITIONING did not come from {NODE} ({describe_foreign(states, options)}); Ovis-U1's "
+            f"{name}: this CONDITIONING did not come from {NODE} ({origin}); Ovis-U1's "
             f"MMDiT only understands its own LLM's conditioning: connect {NODE} instead"
         )
     return mark
 
 
 def guidance_mode(positive, negative, middle=None) -> str:
-    """t2i (CFG over positive/negative) or edit (dual CFG over positive/middle/negative), checked against the
-    branches each input carries so that swapped wires are named."""
+    """t2i or edit (``ovis_u1.wiring.guidance_mode``) of a sampler's CONDITIONING inputs."""
     named = {"positive": positive, "negative": negative, **({} if middle is None else {"middle": middle})}
-    marks = {}
     for name, conditioning in named.items():
         if not isinstance(conditioning, list) or not conditioning:
             raise OvisU1InputError(f"{name}: expected a non-empty CONDITIONING from {NODE}")
-        marks[name] = [mark_of(entry, name) for entry in conditioning]
-        if len({mark["mode"] for mark in marks[name]}) > 1:
-            raise OvisU1InputError(f"{name}: mixes text-to-image and edit conditioning; encode both in one mode")
-    mode = marks["positive"][0]["mode"]
-    for name, found in marks.items():
-        if found[0]["mode"] != mode:
-            raise OvisU1InputError(f"{name}: encoded in another mode than positive; encode all three with one "
-                                   f"{NODE}")
-        have = {mark["branch"] for mark in found}
-        if have != {OUTPUT_BRANCHES[mode][name]}:
-            got = OUTPUT_BRANCHES[mode]
-            source = [out for out in ("positive", "negative", "middle") if got[out] in have and out != name]
-            hint = f" (it is the '{source[0]}' output)" if source else ""
-            raise OvisU1InputError(f"{name}: expected the '{name}' output of {NODE}{hint}; connect each output to "
-                                   "the input of the same name")
-    if mode == "edit" and middle is None:
-        raise OvisU1InputError(f"middle: an edit needs the image-only branch: connect the 'middle' output of {NODE}")
-    return mode
+    return wiring.guidance_mode({name: [mark_of(entry, name) for entry in c] for name, c in named.items()})

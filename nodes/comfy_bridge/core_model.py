@@ -30,9 +30,9 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.supported_models_base
 
-from ...ovis_u1 import OvisU1InputError, attention, estimates
-from ...ovis_u1.inputs import check_latent_size
-from ...ovis_u1.mmdit import MMDiT
+from ...ovis_u1 import OvisU1InputError, attention, estimates, operations
+from ...ovis_u1.inputs import NOT_SAVABLE, check_context_size, check_latent_size, not_flow_matching
+from ...ovis_u1.mmdit import MMDiT, PositionCache
 from ...ovis_u1.sampling import image_tokens, in_noise_precision, pack_latents, shift_mu, unpack_latents
 from ...ovis_u1.vae import scale_latent, unscale_latent
 
@@ -123,7 +123,7 @@ class OvisU1MMDiT(MMDiT):
         else:
             context_tokens = None
         text = context.to(x.dtype)
-        cache = transformer_options.get(PerSamplingCache.KEY)
+        cache = transformer_options.get(PER_SAMPLING)
         positions = None
         if cache is not None:
             positions = cache.positions(self, text.shape[1], height, width, bool(ref_latents), x.device)
@@ -136,49 +136,23 @@ class OvisU1MMDiT(MMDiT):
         return unpack_latents(velocity, height, width, channels=x.shape[1])
 
 
-def check_context_size(reference_shape, latent_shape) -> None:
-    if tuple(reference_shape[-2:]) != tuple(latent_shape[-2:]):
-        raise OvisU1InputError(
-            f"the edit context is {reference_shape[-1] * 8}×{reference_shape[-2] * 8} but the latent is "
-            f"{latent_shape[-1] * 8}×{latent_shape[-2] * 8}: sample the 'latent' of the Edit Context Encoder"
-        )
-
-
-class PerSamplingCache:
-    """What a denoising step needs that depends on shapes alone — the RoPE tables of [text, noise (, context)]
-    (position ids, float64 angles) — made once per sampling run instead of at every step.
-
-    One cache per run: ``per_sampling_cache`` (a ``WrappersMP.OUTER_SAMPLE`` wrapper of the core MODEL) puts a new
-    one into the run's ``transformer_options`` and drops it when the run ends, so nothing outlives the run on the
-    device, and runs of a shared model never see each other's. Keyed by text length, size, context and device:
-    conditionings of different text lengths (positive / negative) get a table each, alternating freely. Not a dict,
-    so that ComfyUI's per-step copies of ``transformer_options`` hand on the same object.
-    """
-
-    KEY = "ovis_u1_per_sampling"
-
-    def __init__(self):
-        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def positions(self, mmdit, txt_len: int, height: int, width: int, with_context: bool, device):
-        key = (id(mmdit), txt_len, height, width, with_context, str(device))
-        if key not in self.tables:
-            self.tables[key] = mmdit.positions(txt_len, height, width, with_context, device)
-        return self.tables[key]
+PER_SAMPLING = "ovis_u1_per_sampling"  # transformer_options: the run's PositionCache
 
 
 def per_sampling_cache(executor, *args, **kwargs):
-    """``WrappersMP.OUTER_SAMPLE`` wrapper: a fresh ``PerSamplingCache`` for the run the guider starts."""
+    """``WrappersMP.OUTER_SAMPLE`` wrapper: a fresh ``PositionCache`` in the ``transformer_options`` of the run the
+    guider starts, dropped when it ends, so nothing outlives the run on the device and runs of a shared model never
+    see each other's. Not a dict, so ComfyUI's per-step copies of ``transformer_options`` hand on the same object."""
     options = executor.class_obj.model_options.setdefault("transformer_options", {})
-    previous = options.get(PerSamplingCache.KEY)
-    options[PerSamplingCache.KEY] = PerSamplingCache()
+    previous = options.get(PER_SAMPLING)
+    options[PER_SAMPLING] = PositionCache()
     try:
         return executor(*args, **kwargs)
     finally:
         if previous is None:
-            options.pop(PerSamplingCache.KEY, None)
+            options.pop(PER_SAMPLING, None)
         else:
-            options[PerSamplingCache.KEY] = previous
+            options[PER_SAMPLING] = previous
 
 
 class OvisU1Model(comfy.model_base.BaseModel):
@@ -191,12 +165,7 @@ class OvisU1Model(comfy.model_base.BaseModel):
         # The model-condition keys, as core's Flux / QwenImage name them: ``_calc_cond_batch`` passes the sizes of
         # the conditions it batches under these, and ``extra_conds_shapes`` gives ``estimate_memory`` the same.
         self.memory_usage_factor_conds = ("c_crossattn", "ref_latents")
-        if hasattr(mm, "archive_model_dtypes"):  # ComfyUI ≥ 0.8: the dtypes its dynamic loader restores
-            mm.archive_model_dtypes(self.diffusion_model)
-
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype the MMDiT computes in (``get_dtype_inference`` of ComfyUI ≥ 0.8, written out for 0.3.64)."""
-        return self.manual_cast_dtype or self.get_dtype()
+        mm.archive_model_dtypes(self.diffusion_model)  # the dtypes ComfyUI's dynamic loader restores
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         transformer_options = {**transformer_options, TIME_SCALE: time_scale(self.model_sampling)}
@@ -206,7 +175,7 @@ class OvisU1Model(comfy.model_base.BaseModel):
         """The token refiner on LLM states [B, L, 2·hidden] → (tokens [B, L, hidden], pooled [B, hidden])."""
         mmdit = self.diffusion_model
         with torch.no_grad(), attention.using(mmdit.kernel_for(transformer_options)):
-            return mmdit.refine(states.to(device=device, dtype=self.compute_dtype()))
+            return mmdit.refine(states.to(device=device, dtype=self.get_dtype_inference()))
 
     def extra_conds(self, **kwargs):
         out = {}
@@ -228,7 +197,7 @@ class OvisU1Model(comfy.model_base.BaseModel):
             if noise is not None and not (noise.shape[-1] % 2 or noise.shape[-2] % 2):  # else the forward explains
                 check_context_size(reference.shape, noise.shape)
                 # img_in of the context does not depend on the step either: once per conditioning, here
-                device, dtype = kwargs.get("device", load_device()), self.compute_dtype()
+                device, dtype = kwargs.get("device", load_device()), self.get_dtype_inference()
                 with torch.no_grad():
                     packed = pack_latents(reference.to(device=device, dtype=dtype))
                     tokens = self.diffusion_model.project_context(packed, dtype)
@@ -260,17 +229,13 @@ class OvisU1Model(comfy.model_base.BaseModel):
         with_context = bool(cond_shapes.get("ref_latents"))
         return estimates.sampling_memory(p.hidden_size, p.mlp_ratio, p.num_heads, max(1, input_shape[0]), text,
                                          input_shape[-1] * 8, input_shape[-2] * 8, with_context,
-                                         mm.dtype_size(self.compute_dtype()),
+                                         mm.dtype_size(self.get_dtype_inference()),
                                          scores=attention_scores(self.diffusion_model.kernel))
 
     def state_dict_for_saving(self, *args, **kwargs):
         # CheckpointSave / ModelSave: a single-file checkpoint of this MODEL is nothing a loader can read back (the
         # MMDiT without the LLM, visual encoder and tokenizer it is conditioned by).
-        raise OvisU1InputError(
-            "model: Ovis-U1's MODEL cannot be saved as a single-file checkpoint; nothing could load it back without "
-            "the LLM, visual encoder and tokenizer. Keep the checkpoint folder (models/ovis_u1) and save LoRAs or "
-            "images instead"
-        )
+        raise OvisU1InputError(NOT_SAVABLE)
 
 
 def time_scale(model_sampling) -> float:
@@ -278,11 +243,7 @@ def time_scale(model_sampling) -> float:
     AuraFlow samplings, 1000 for ModelSamplingSD3's), so that the MMDiT always gets the flow time it was trained on.
     A sampling object that is not flow matching (EPS, v-prediction: ModelSamplingDiscrete) is refused."""
     if not isinstance(model_sampling, comfy.model_sampling.CONST):
-        raise OvisU1InputError(
-            f"model: its sampling is {type(model_sampling).__name__}, which is not flow matching; Ovis-U1 predicts a "
-            "flow velocity: remove the ModelSampling node that set it (ModelSamplingSD3, ModelSamplingFlux and "
-            "ModelSamplingAuraFlow shift the schedule and work)"
-        )
+        raise not_flow_matching(type(model_sampling).__name__)
     return float(model_sampling.timestep(torch.ones(1)).item())
 
 
@@ -302,24 +263,18 @@ def attention_scores(kernel: attention.Kernel | None) -> str:
     return estimates.SCORES_CHUNKED
 
 
-def _storage_dtype(mmdit, compute_dtype: torch.dtype) -> torch.dtype:
-    dtypes = {p.dtype for p in mmdit.parameters() if p.dtype.is_floating_point}
-    fp8 = [d for d in dtypes if d.itemsize == 1]
-    return fp8[0] if fp8 else compute_dtype
-
-
 def make_core_model(ovis, compute_dtype: torch.dtype, disable_dynamic: bool = False):
     """The MMDiT of a loaded OvisU1 (built with ``mmdit_class=OvisU1MMDiT``) as a core MODEL: a patcher over
     ``OvisU1Model``, sized by the MMDiT's own weights (a plain ``ModelPatcher`` with ``disable_dynamic``)."""
     mmdit = ovis.mmdit
-    storage = _storage_dtype(mmdit, compute_dtype)
+    storage = operations.storage_dtype(mmdit, compute_dtype)
     mmdit.dtype = storage
     mmdit.kernel = ovis.attention
     config = OvisU1ModelConfig(ovis.params, compute_dtype, storage)
     model = OvisU1Model(config, mmdit)
     patcher = patcher_class(disable_dynamic)(model, load_device=load_device(), offload_device=offload_device(),
                                              size=weight_bytes(mmdit))
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PerSamplingCache.KEY,
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PER_SAMPLING,
                                  per_sampling_cache)
     patch_on_load(patcher)  # patches reach the QK-norm scales and cls_token on every load path
     return patcher

@@ -69,17 +69,13 @@ class OvisU1CoreVAE(comfy.sd.VAE):
         self.device = mm.vae_device()
         self.vae_dtype = mm.vae_dtype(self.device, self.working_dtypes)
         self.first_stage_model.to(self.vae_dtype)
-        if hasattr(mm, "archive_model_dtypes"):  # ComfyUI ≥ 0.8: the dtypes its dynamic loader restores
-            mm.archive_model_dtypes(self.first_stage_model)
+        mm.archive_model_dtypes(self.first_stage_model)  # the dtypes ComfyUI's dynamic loader restores
         self.output_device = mm.intermediate_device()
         self.patcher = patcher_class(disable_dynamic)(self.first_stage_model, load_device=self.device,
                                                       offload_device=mm.vae_offload_device(), size=weight_bytes(vae))
 
     process_input = staticmethod(lambda image: image * 2.0 - 1.0)  # IMAGE in [0, 1] → the VAE's [-1, 1]
     process_output = staticmethod(lambda image: image.add_(1.0).div_(2.0).clamp_(0.0, 1.0))  # and back, in place
-
-    def vae_output_dtype(self):
-        return mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else torch.float32
 
     def encode(self, pixel_samples):
         return super().encode(check_host_image(pixel_samples, "VAEEncode pixels"))

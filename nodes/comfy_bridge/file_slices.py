@@ -22,32 +22,22 @@ import os
 import threading
 from pathlib import Path
 
+import comfy.memory_management as memory_management
 import torch
-
-from .host import IN_COMFYUI
 
 SWITCH = "OVIS_U1_FILE_SLICES"
 MARK = "_comfy_tensor_file_slice"  # the storage attribute comfy.utils.load_safetensors sets
 
 
 def _record_type():
-    """``comfy.memory_management.TensorFileSlice`` where this ComfyUI reads file slices and its fields are ones the
-    marker can fill; else None (ComfyUI before 0.18 has no ``comfy.memory_management``)."""
-    if not IN_COMFYUI:
-        return None
-    try:
-        import comfy.memory_management as memory_management
-    except ImportError:
-        return None
-    record = getattr(memory_management, "TensorFileSlice", None)
-    if record is None or not hasattr(memory_management, "read_tensor_file_slice_into"):
-        return None
+    """``comfy.memory_management.TensorFileSlice`` where its fields are ones the marker can fill; else None."""
+    record = memory_management.TensorFileSlice
     known = {"file_ref", "lock", "thread_id", "offset", "size"}  # 0.18.1: thread_id; 0.33.0: lock
-    return record if set(getattr(record, "_fields", ())) <= known else None
+    return record if set(record._fields) <= known else None
 
 
 def marker() -> FileSliceMarker | None:
-    """A ``mark_file_slice`` for one load, or None where ComfyUI cannot read file slices or ``OVIS_U1_FILE_SLICES=0``."""
+    """A ``mark_file_slice`` for one load; None for unknown record fields or ``OVIS_U1_FILE_SLICES=0``."""
     record = _record_type()
     if record is None or os.environ.get(SWITCH, "1").strip() == "0":
         return None

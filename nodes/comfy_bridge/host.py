@@ -1,6 +1,5 @@
-"""Where the pack runs: ComfyUI present or not, its model folders, devices and dtypes, progress and interruption,
-and the size of a LATENT. Every ComfyUI use here is optional."""
-
+"""Where the pack runs in ComfyUI: its model folders, devices and dtypes, progress and interruption, and the size
+of a LATENT."""
 
 from __future__ import annotations
 
@@ -8,21 +7,16 @@ import logging
 import os
 from pathlib import Path
 
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
 import torch
 
-from ...ovis_u1 import OvisU1InputError
-from ...ovis_u1.checkpoint import default_model_roots, find_model_dirs, model_dir_named
-
-try:  # ComfyUI's own modules; absent outside ComfyUI
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.utils
-    import folder_paths
-except ImportError:
-    mm = None
+from ...ovis_u1 import OvisU1InputError, operations
+from ...ovis_u1.checkpoint import find_model_dirs, model_dir_named
 
 MODEL_FOLDER = "ovis_u1"
-IN_COMFYUI = mm is not None
+IN_COMFYUI = True  # the nodes load only inside ComfyUI (V3 schema); memory.py still reads it
 
 log = logging.getLogger("ComfyUI-Ovis-U1")
 
@@ -30,15 +24,12 @@ log = logging.getLogger("ComfyUI-Ovis-U1")
 # ------------------------------------------------------------------------------------------------ model folders
 def register_model_folder() -> None:
     """Make ``models/ovis_u1`` a ComfyUI model folder; ``ovis_u1:`` entries of extra_model_paths.yaml add to it."""
-    if IN_COMFYUI:
-        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
 
 
 def model_roots() -> list[Path]:
     """The folders searched for Ovis-U1 checkpoint folders, in priority order."""
-    if IN_COMFYUI:
-        return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
-    return default_model_roots()
+    return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
 
 
 def list_models() -> list[str]:
@@ -54,44 +45,26 @@ def resolve_model(name: str) -> Path | None:
 
 # --------------------------------------------------------------------------------------------- devices, dtypes
 def load_device() -> torch.device:
-    return mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+    return mm.get_torch_device()
 
 
 def offload_device(part: str = "llm") -> torch.device:
-    if not IN_COMFYUI:
-        return torch.device("cpu")
     return mm.vae_offload_device() if part == "vae" else mm.unet_offload_device()
 
 
 def intermediate_device() -> torch.device:
-    return mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+    return mm.intermediate_device()
 
 
 def auto_dtype() -> torch.dtype:
     """The dtype ComfyUI's model management recommends for the load device (bf16 where it is fast, else fp32; fp16 is
     left to an explicit choice, as for ComfyUI's other Qwen-based models). fp32 on a GPU is said on the console
-    (``fp32_on_gpu_note``): it doubles the weights' memory, and the user may prefer fp16."""
-    if not IN_COMFYUI:
-        return torch.float32
+    (``ovis_u1.operations.fp32_on_gpu_note``): it doubles the weights' memory, and the user may prefer fp16."""
     device = load_device()
     dtype = mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float32])
     if dtype == torch.float32 and not mm.is_device_cpu(device):
-        log.warning(fp32_on_gpu_note(device))
+        log.warning(operations.fp32_on_gpu_note(device))
     return dtype
-
-
-def fp32_on_gpu_note(device: torch.device) -> str:
-    """The console line of an ``auto`` dtype that came out fp32 on a GPU: what, why (ComfyUI's bf16 check,
-    ``model_management.should_use_bf16``, says no: Pascal/Turing and older, or ComfyUI was told to use fp32) and
-    how to pick fp16."""
-    return (f"[Ovis-U1] dtype auto: fp32 on {device}, because ComfyUI does not use bf16 on it (a GPU without bf16, "
-            "e.g. Pascal or Turing, or --force-fp32): the weights take twice the memory of bf16 (about 14 GB for "
-            "Ovis-U1-3B). To halve that, set the Model Loader's dtype to fp16 (if an image comes out black or with "
-            "NaN, go back to fp32)")
-
-
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def latent_size(latent, name: str = "latent") -> tuple[int, int]:
@@ -106,8 +79,7 @@ def latent_size(latent, name: str = "latent") -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ progress and interruption
 def check_interrupt() -> None:
     """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
-    if IN_COMFYUI:
-        mm.throw_exception_if_processing_interrupted()
+    mm.throw_exception_if_processing_interrupted()
 
 
 class Progress:
@@ -115,14 +87,12 @@ class Progress:
 
     def __init__(self, total: int):
         self.total = total
-        self.bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+        self.bar = comfy.utils.ProgressBar(total)
 
     def update(self, done: int) -> None:
         check_interrupt()
-        if self.bar is not None:
-            self.bar.update_absolute(done, self.total)
+        self.bar.update_absolute(done, self.total)
 
     def finish(self) -> None:
         """Fill the bar (generation may stop before ``total``); never interrupts finished work."""
-        if self.bar is not None:
-            self.bar.update_absolute(self.total, self.total)
+        self.bar.update_absolute(self.total, self.total)

@@ -6,17 +6,15 @@ weights on the fly, ``manual_cast`` when the weights are stored in another dtype
 Layers of that kind are what ComfyUI's lowvram path (and 0.18.1's dynamic VRAM) can stream: a part that does not fit
 is loaded partially, the rest of its weights are cast to the device layer by layer as the forward reaches them.
 
-Each part gets its own patcher (``CoreModelPatcher`` where ComfyUI has it, so 0.18.1 swaps in its dynamic patcher on
-NVIDIA; ``ModelPatcher`` before): the encoder's is here (``OvisU1Encoder``), the MMDiT's is the core MODEL
-(``core_model``), the VAE's the core VAE's (``core_vae``). Each is loaded by ``load_models_gpu`` with an activation
-estimate and *without* ``force_full_load``, so ComfyUI decides between a full and a partial load.
+Each part gets its own patcher (``CoreModelPatcher``, which ComfyUI swaps for its dynamic patcher on NVIDIA): the
+encoder's is here (``OvisU1Encoder``), the MMDiT's is the core MODEL (``core_model``), the VAE's the core VAE's
+(``core_vae``). Each is loaded by ``load_models_gpu`` with an activation estimate and *without* ``force_full_load``,
+so ComfyUI decides between a full and a partial load.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 
 import torch
 from torch import nn
@@ -36,13 +34,10 @@ WEIGHT_DTYPES = {name: None if dtype is None else name for name, dtype in operat
 
 
 def patcher_class(disable_dynamic: bool = False):
-    """The patcher ComfyUI wraps its own models in: ``CoreModelPatcher`` (0.18.1; ``main.py`` rebinds it to the
-    dynamic-VRAM patcher on NVIDIA, so it is looked up at call time) or ``ModelPatcher`` (older versions, and where
-    ``disable_dynamic`` asks for a patcher that is never dynamic, as comfy/sd.py's loaders choose theirs)."""
-    patchers = comfy.model_patcher
-    if disable_dynamic:
-        return patchers.ModelPatcher
-    return getattr(patchers, "CoreModelPatcher", patchers.ModelPatcher)
+    """The patcher ComfyUI wraps its own models in: ``CoreModelPatcher`` (``main.py`` rebinds it to the dynamic-VRAM
+    patcher on NVIDIA, so it is looked up at call time), or ``ModelPatcher`` where ``disable_dynamic`` asks for one
+    that is never dynamic, as comfy/sd.py's loaders choose theirs."""
+    return comfy.model_patcher.ModelPatcher if disable_dynamic else comfy.model_patcher.CoreModelPatcher
 
 
 def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None, fp8_matmul: bool = True):
@@ -111,25 +106,15 @@ def cast_free_parameter(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return mm.cast_to(tensor, dtype=like.dtype, device=like.device)
 
 
-@functools.lru_cache(maxsize=None)
-def _offloadable_casts() -> bool:
-    """ComfyUI ≥ 0.8 casts with ``offloadable=True`` and hands the weights back with ``uncast_bias_weight`` (its
-    streams and Dynamic VRAM's pins); older versions cast in one call."""
-    return "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
-
-
 @contextlib.contextmanager
 def cast_layer_weights(layer: nn.Module, like: torch.Tensor):
     """(weight, bias) of a ComfyUI layer on like's device in like's dtype, through ComfyUI's own cast (streamed,
     patched — LoRA — and pinned as for a forward of the layer), for the duration of the block."""
-    if _offloadable_casts():
-        weight, bias, stream = comfy.ops.cast_bias_weight(layer, like, offloadable=True)
-        try:
-            yield weight, bias
-        finally:
-            comfy.ops.uncast_bias_weight(layer, weight, bias, stream)
-    else:
-        yield comfy.ops.cast_bias_weight(layer, like)
+    weight, bias, stream = comfy.ops.cast_bias_weight(layer, like, offloadable=True)
+    try:
+        yield weight, bias
+    finally:
+        comfy.ops.uncast_bias_weight(layer, weight, bias, stream)
 
 
 class OvisU1LLM(nn.Module):

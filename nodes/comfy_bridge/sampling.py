@@ -70,7 +70,7 @@ def refine(model, conditioning, name: str):
         return conditioning
     p = inner.diffusion_model.params
     memory = estimates.refiner_request_memory(p, [states.shape[1] for states, _ in todo],
-                                              mm.dtype_size(inner.compute_dtype()))
+                                              mm.dtype_size(inner.get_dtype_inference()))
     mm.load_models_gpu([model], memory_required=memory)
     device = model.load_device
     out = []

@@ -95,6 +95,17 @@ def test_integer_images_are_refused(encoder, node, given):
     raises(lambda: run(node, **node_inputs(node, encoder, given)), "image", "uint8", "255")
 
 
+# ------------------------------------------------------------ issue 23 item 10: edit inputs in text-to-image
+@pytest.mark.parametrize("given", [dict(context=edit_context()), dict(image=torch.full((1, 64, 96, 3), 0.5)),
+                                   dict(image=torch.full((1, 64, 96, 3), 0.5), context=edit_context())],
+                         ids=["context", "image", "both"])
+def test_text_to_image_refuses_the_edit_inputs(encoder, given):
+    """Before: text-to-image silently ignored a connected image and context."""
+    name = "image" if "image" in given else "context"
+    raises(lambda: t2i_condition(encoder, **given), f"{name}: mode text-to-image does not use it", "disconnect it",
+           "mode edit")
+
+
 # ------------------------------------------------------------------------------------- 4. markup in prompts
 def test_image_tag_in_node_prompts_is_text(encoder):
     positive, _, negative = t2i_condition(encoder, prompt="a <image> sign")
