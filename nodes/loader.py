@@ -46,8 +46,8 @@ class OvisU1ModelLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(bridge.WEIGHT_DTYPES), default="default", optional=True,
                                tooltip=(
                     "Storage precision of the LLM, visual encoder and MMDiT weights. fp8_e4m3fn / fp8_e5m2 halve "
-                    "their memory (compute stays in dtype; small quality cost, see README). The VAE is never stored "
-                    "in fp8.")),
+                    "their memory (compute stays in dtype; small quality cost, see README); fp8_e4m3fn_scaled stores "
+                    "each matrix with a scale. The VAE is never stored in fp8. A GGUF folder: leave it at default.")),
             ],
             outputs=[
                 Encoder.Output(display_name="encoder", tooltip=(
