@@ -21,6 +21,7 @@ from tests.comfyui.test_generation import call, comfy, mmdit_sampler, pack_node,
 from tests.comfyui.test_lora import _lora_files_readable_with_lazy_layers, with_lora  # noqa: F401
 from tests.comfyui.test_memory import COMFYUI_PATH
 from tests.golden import CHECKPOINT, requires_golden, tensors
+from tests.pack import node_classes
 from tests.test_gguf import Q8_MAX_LEVELS, Q8_MEAN_LEVELS
 
 pytestmark = [
@@ -46,7 +47,7 @@ def gguf(comfy, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf_models")
     folder_paths.add_model_folder_path("ovis_u1", str(root))
     lib.quantize.quantize(CHECKPOINT, root / NAME, "Q8_0", progress=False)
-    encoder, model, vae = comfy["pack"].NODE_CLASS_MAPPINGS["OvisU1ModelLoader"]().load(model=NAME, dtype="fp32")
+    encoder, model, vae = pack_node(comfy, "OvisU1ModelLoader", model=NAME, dtype="fp32", attention="auto")
     mmdit = model.model.diffusion_model
     g = torch.Generator().manual_seed(7)
     rows, cols = lib.gguf.quantization(mmdit.get_submodule(LAYER)).shape
@@ -63,7 +64,7 @@ def _with(comfy, gguf) -> dict:
 
 
 def test_the_loader_lists_the_gguf_folder(comfy, gguf):
-    options = comfy["pack"].NODE_CLASS_MAPPINGS["OvisU1ModelLoader"].INPUT_TYPES()["required"]["model"][0]
+    options = node_classes(comfy["pack"])["OvisU1ModelLoader"].INPUT_TYPES()["required"]["model"][1]["options"]
     assert NAME in options
 
 
