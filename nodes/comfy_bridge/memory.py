@@ -68,7 +68,7 @@ def comfy_operations(compute_dtype: torch.dtype, weight_dtype: str | None = None
         cast_to = staticmethod(cast_free_parameter)
         cast_weights = staticmethod(cast_layer_weights)
         cast_quantized_weights = staticmethod(cast_quantized_weights)  # a GGUF folder's layers (ovis_u1.gguf)
-        every_op = staticmethod(getattr(comfy.ops, "run_every_op", lambda: None))  # interrupt check; 0.3.64: none
+        every_op = staticmethod(comfy.ops.run_every_op)  # ComfyUI's per-op interrupt check
 
     return Operations
 

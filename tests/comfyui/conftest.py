@@ -12,7 +12,7 @@ from tests.golden import CHECKPOINT, TINY_A
 from tests.pack import ROOT
 
 HOW_TO_RUN = ("in-ComfyUI tests need a ComfyUI: COMFYUI_PATH=/path/to/ComfyUI <python with ComfyUI's requirements, "
-              "the pack's and pytest> -m pytest tests/comfyui  (.ci/run does this for ComfyUI 0.3.64 and 0.18.1)")
+              "the pack's and pytest> -m pytest tests/comfyui  (.ci/run does this for ComfyUI 0.18.1 and 0.33.0)")
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 
 # Test images in ComfyUI's input folder, by the name LoadImage gets.
