@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import contextlib
 
-from ...ovis_u1.gguf import dequantized
-from .host import IN_COMFYUI
+import comfy.model_management as mm
 
-if IN_COMFYUI:
-    import comfy.model_management as mm
+from ...ovis_u1.gguf import dequantized
 
 
 def _patches(layer, name: str) -> list:

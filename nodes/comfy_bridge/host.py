@@ -16,7 +16,7 @@ from ...ovis_u1 import OvisU1InputError, operations
 from ...ovis_u1.checkpoint import find_model_dirs, model_dir_named
 
 MODEL_FOLDER = "ovis_u1"
-IN_COMFYUI = True  # the nodes load only inside ComfyUI (V3 schema); memory.py still reads it
+IN_COMFYUI = True  # the nodes load only inside ComfyUI (V3 schema)
 
 log = logging.getLogger("ComfyUI-Ovis-U1")
 

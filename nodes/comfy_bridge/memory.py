@@ -17,17 +17,15 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.quant_ops
 from torch import nn
 
 from ...ovis_u1 import estimates, fp8, operations
 from .gguf_ops import cast_quantized_weights
-from .host import IN_COMFYUI, load_device, offload_device
-
-if IN_COMFYUI:
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.ops
-    import comfy.quant_ops
+from .host import load_device, offload_device
 
 # The loader's weight-storage choices (the library's names) → what the loader passes on; None keeps the compute dtype.
 WEIGHT_DTYPES = {name: None if dtype is None else name for name, dtype in operations.WEIGHT_DTYPES.items()}
